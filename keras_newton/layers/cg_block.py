@@ -1,0 +1,164 @@
+"""The CG Block: one step of the conjugate-gradient method unrolled into layers."""
+
+import keras
+from keras import ops
+
+from keras_newton.layers.common import (
+    batch_norm,
+    channel_axis,
+    check_dropout_rate,
+    check_image_shape,
+    check_positive_int,
+    conv,
+    standardize_data_format,
+)
+
+
+@keras.saving.register_keras_serializable(package="keras_newton")
+class CGBlock(keras.layers.Layer):
+    """One CG Block (Algorithm 2, lines 3-12 of the paper).
+
+    Given the current iterate ``y_t`` (and the previous conjugate direction
+    ``d_{t-1}`` unless this is the first step) it computes::
+
+        g1 = Dropout(BN(W1 * y))
+        g2 = BN(W2 * Dropout(y))
+        g3 = BN(W4 * Dropout(ReLU(BN(W3 * y))))
+        g  = y + g1 + g2 + g3
+        d  = -g                      (first step)
+        d  = -g + beta * d_prev      (later steps)
+        y_next = y + alpha * d
+
+    ``alpha`` and (for later steps only) ``beta`` are learnable scalars
+    initialised to 1.0. The ReLU after ``W3`` and a BatchNormalization after every
+    convolution follow Section 4.1.2 of the paper. When ``strides > 1`` or the
+    input has a channel count other than ``filters``, ``W1``..``W3`` are strided
+    and each of the two additions that involve ``y`` (``y + g1 + ...`` and
+    ``y + alpha * d``) reads ``y`` through its own 1x1 convolution + BN projection
+    ("a linear projection ... whenever in need", Section 4.1.2).
+
+    Args:
+        filters: int, output channels of every convolution.
+        strides: int, stride of ``W1``, ``W2``, ``W3`` and the projections.
+        dropout_rate: float in [0, 1), rate of the three dropout layers.
+        first_step: bool, True for ``t = 0`` (no ``beta``, no ``d_prev``).
+        kernel_regularizer: optional regularizer for the convolution kernels.
+        data_format: ``"channels_last"`` or ``"channels_first"``; defaults to
+            ``keras.config.image_data_format()``.
+        **kwargs: standard layer arguments (``name``, ``dtype``, ...).
+
+    Call arguments:
+        y: image tensor ``y_t``.
+        d_prev: previous direction ``d_{t-1}``; required iff ``first_step=False``.
+        training: bool, enables dropout and batch statistics.
+
+    Returns:
+        Tuple ``(y_next, d)``.
+
+    Example:
+    >>> block = CGBlock(filters=16)
+    >>> y, d = block(keras.ops.ones((2, 8, 8, 16)))
+
+    Reference:
+        Shen et al., "Newton design: designing CNNs with the family of Newton's
+        methods", Sci China Inf Sci 66(6):162101, 2023.
+    """
+
+    def __init__(
+        self,
+        filters,
+        strides=1,
+        dropout_rate=0.0,
+        first_step=True,
+        kernel_regularizer=None,
+        data_format=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.filters = check_positive_int("filters", filters)
+        self.strides = check_positive_int("strides", strides)
+        self.dropout_rate = check_dropout_rate(dropout_rate)
+        self.first_step = bool(first_step)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.data_format = standardize_data_format(data_format)
+
+        def _conv(k, s, name):
+            return conv(filters, k, s, name, self.kernel_regularizer, self.data_format)
+
+        def _bn(name):
+            return batch_norm(name, self.data_format)
+
+        self.conv1, self.bn1 = _conv(3, strides, "conv1"), _bn("bn1")
+        self.conv2, self.bn2 = _conv(3, strides, "conv2"), _bn("bn2")
+        self.conv3, self.bn3 = _conv(3, strides, "conv3"), _bn("bn3")
+        self.conv4, self.bn4 = _conv(3, 1, "conv4"), _bn("bn4")
+        self.dropout1 = keras.layers.Dropout(self.dropout_rate, name="dropout1")
+        self.dropout2 = keras.layers.Dropout(self.dropout_rate, name="dropout2")
+        self.dropout3 = keras.layers.Dropout(self.dropout_rate, name="dropout3")
+        # Built (and used) only when the shape changes; see build().
+        self.proj_g_conv, self.proj_g_bn = _conv(1, strides, "proj_g_conv"), _bn("proj_g_bn")
+        self.proj_y_conv, self.proj_y_bn = _conv(1, strides, "proj_y_conv"), _bn("proj_y_bn")
+        self.use_projection = None
+
+    def _needs_projection(self, in_channels):
+        return self.strides != 1 or in_channels != self.filters
+
+    def build(self, y_shape, d_prev_shape=None):
+        in_channels = check_image_shape(y_shape, "CGBlock", self.data_format)
+        if self.first_step != (d_prev_shape is None):
+            raise ValueError(
+                "CGBlock: `d_prev` must be given exactly when first_step=False. "
+                f"Received: first_step={self.first_step}, d_prev={d_prev_shape}"
+            )
+        self.conv1.build(y_shape)
+        out_shape = self.conv1.compute_output_shape(y_shape)
+        for layer in (self.conv2, self.conv3):
+            layer.build(y_shape)
+        self.conv4.build(out_shape)
+        for bn in (self.bn1, self.bn2, self.bn3, self.bn4):
+            bn.build(out_shape)
+        self.use_projection = self._needs_projection(in_channels)
+        if self.use_projection:
+            for layer in (self.proj_g_conv, self.proj_y_conv):
+                layer.build(y_shape)
+            for layer in (self.proj_g_bn, self.proj_y_bn):
+                layer.build(out_shape)
+        self.alpha = self.add_weight(name="alpha", shape=(), initializer="ones")
+        self.beta = (
+            None
+            if self.first_step
+            else self.add_weight(name="beta", shape=(), initializer="ones")
+        )
+
+    def call(self, y, d_prev=None, training=None):
+        g1 = self.dropout1(self.bn1(self.conv1(y), training=training), training=training)
+        g2 = self.bn2(self.conv2(self.dropout2(y, training=training)), training=training)
+        h3 = ops.relu(self.bn3(self.conv3(y), training=training))
+        g3 = self.bn4(self.conv4(self.dropout3(h3, training=training)), training=training)
+        if self.use_projection:
+            y_g = self.proj_g_bn(self.proj_g_conv(y), training=training)
+            y_y = self.proj_y_bn(self.proj_y_conv(y), training=training)
+        else:
+            y_g = y_y = y
+        g = y_g + g1 + g2 + g3
+        d = -g if self.first_step else -g + ops.cast(self.beta, g.dtype) * d_prev
+        y_next = y_y + ops.cast(self.alpha, d.dtype) * d
+        return y_next, d
+
+    def compute_output_shape(self, y_shape, d_prev_shape=None):
+        out = self.conv1.compute_output_shape(y_shape)
+        return out, out
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "filters": self.filters,
+                "strides": self.strides,
+                "dropout_rate": self.dropout_rate,
+                "first_step": self.first_step,
+                "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
+                "data_format": self.data_format,
+            }
+        )
+        return config

@@ -1,0 +1,69 @@
+"""Model builders and the registry of named models (``get_model``, ``MODELS``)."""
+
+import re
+
+from keras_newton.models import newton_cgnet as _ncg
+from keras_newton.models import resnet as _resnet
+from keras_newton.models.newton_cgnet import (
+    NewtonCGNet10,
+    NewtonCGNet16,
+    NewtonCGNet22,
+    NewtonCGNet28,
+    NewtonCGNet56,
+    NewtonCGNet82,
+    NewtonCGNet110,
+    newton_cgnet,
+    parse_spec,
+)
+from keras_newton.models.resnet import (
+    PlainNet20,
+    PlainNet32,
+    PlainNet44,
+    PlainNet56,
+    PlainNet110,
+    PlainNet164,
+    ResNet20,
+    ResNet32,
+    ResNet44,
+    ResNet56,
+    ResNet110,
+    ResNet164,
+    plainnet,
+    resnet,
+)
+
+# Parameter counts of the paper's Table 3 (millions); None where it gives none.
+PAPER_PARAMS = {
+    "newton_cgnet10": 0.29, "newton_cgnet16": 0.48, "newton_cgnet22": 0.68,
+    "newton_cgnet28": 0.87, "newton_cgnet56": 1.70, "newton_cgnet82": 2.62,
+    "newton_cgnet110": 3.45, "resnet20": 0.27, "resnet32": 0.46, "resnet44": 0.66,
+    "resnet56": 0.85, "resnet110": 1.73, "resnet164": 2.62,
+}
+
+MODELS = {f"newton_cgnet{d}": getattr(_ncg, f"NewtonCGNet{d}") for d in _ncg.SPECS}
+MODELS.update({f"resnet{d}": getattr(_resnet, f"ResNet{d}") for d in _resnet.RESNET_DEPTHS})
+MODELS.update({f"plainnet{d}": getattr(_resnet, f"PlainNet{d}") for d in _resnet.RESNET_DEPTHS})
+
+
+def canonical_name(name):
+    """``"NewtonCGNet-56"``, ``"newton_cgnet_56"`` -> ``"newton_cgnet56"``."""
+    key = re.sub(r"[-_\s]+(?=\d)", "", str(name).strip().lower().replace("-", "_"))
+    key = key.replace("newtoncgnet", "newton_cgnet")
+    if key not in MODELS:
+        raise ValueError(f"Unknown model. Valid names: {sorted(MODELS)}. Received: model={name!r}")
+    return key
+
+
+def get_model(name, **kwargs):
+    """Builds the registered model ``name`` (see ``MODELS``) with builder kwargs."""
+    return MODELS[canonical_name(name)](**kwargs)
+
+
+__all__ = [
+    "MODELS", "PAPER_PARAMS", "canonical_name", "get_model", "newton_cgnet", "parse_spec",
+    "resnet", "plainnet",
+    "NewtonCGNet10", "NewtonCGNet16", "NewtonCGNet22", "NewtonCGNet28", "NewtonCGNet56",
+    "NewtonCGNet82", "NewtonCGNet110",
+    "ResNet20", "ResNet32", "ResNet44", "ResNet56", "ResNet110", "ResNet164",
+    "PlainNet20", "PlainNet32", "PlainNet44", "PlainNet56", "PlainNet110", "PlainNet164",
+]
