@@ -5,7 +5,6 @@ from keras import ops
 
 from keras_newton.layers.common import (
     batch_norm,
-    channel_axis,
     check_dropout_rate,
     check_image_shape,
     check_positive_int,

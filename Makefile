@@ -1,0 +1,31 @@
+# `make demo` and `make test` create and use the local virtual environment .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast lint clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/keras-newton models --forward
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# The whole suite on TensorFlow (slow-marked tests included), then the
+# backend-agnostic layer/model tests on JAX.
+test: lint
+	KERAS_BACKEND=tensorflow $(BIN)/pytest -q -p no:cacheprovider
+	KERAS_BACKEND=jax $(BIN)/pytest -q -p no:cacheprovider -m backend_agnostic
+
+test-fast: lint
+	KERAS_BACKEND=tensorflow $(BIN)/pytest -q -p no:cacheprovider -m "not slow"
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,133 @@
+"""The paper's preprocessing as ``tf.data`` pipelines (Section 4.1.1).
+
+Normalisation is ``(x - mean) / std`` per channel in pixel units: the training part's
+channel mean/std for CIFAR, ``mean=0, std=255`` (x / 255) for SVHN. The "+" augmentation
+(4-pixel shift by zero-pad-and-crop, horizontal flip) runs here on the fly, never in the
+model, so it cannot reach an exported graph.
+"""
+
+import numpy as np
+
+
+def holdout_split(labels, val_size, seed=0):
+    """Splits indices into a training part and a fixed, seeded, class-balanced hold-out.
+
+    Each class gives ``val_size // num_classes`` images; the remainder goes to the
+    first classes (one more each). The result depends only on ``labels``, ``val_size``
+    and ``seed``.
+
+    Args:
+        labels: int array ``(n,)``.
+        val_size: number of held-out images, ``0 <= val_size < n``.
+        seed: int seed of the split.
+
+    Returns:
+        ``(train_indices, val_indices)``, each sorted.
+    """
+    labels = np.asarray(labels)
+    if isinstance(val_size, bool) or not isinstance(val_size, (int, np.integer)) or not (
+        0 <= val_size < len(labels)
+    ):
+        raise ValueError(
+            f"`val_size` must be an int in [0, {len(labels)}) (the training images). "
+            f"Received: val_size={val_size!r}"
+        )
+    return _balanced_take(labels, np.arange(len(labels)), val_size, seed)
+
+
+def balanced_subset(labels, indices, size, seed=0):
+    """Returns ``size`` of ``indices`` (sorted), class-balanced and seeded."""
+    return _balanced_take(np.asarray(labels), np.asarray(indices), size, seed)[1]
+
+
+def _balanced_take(labels, indices, size, seed):
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels[indices])
+    per_class = [rng.permutation(indices[labels[indices] == c]) for c in classes]
+    quota = [size // len(classes) + (i < size % len(classes)) for i in range(len(classes))]
+    # A class with too few images gives what it has; the others make up the difference.
+    taken = [min(q, len(p)) for q, p in zip(quota, per_class, strict=True)]
+    short = size - sum(taken)
+    for i, p in enumerate(per_class):
+        extra = min(short, len(p) - taken[i])
+        taken[i] += extra
+        short -= extra
+    chosen = np.concatenate([p[:t] for p, t in zip(per_class, taken, strict=True)])
+    rest = np.setdiff1d(indices, chosen)
+    return np.sort(rest), np.sort(chosen)
+
+
+def channel_stats(images, chunk=4096):
+    """Returns per-channel ``(mean, std)`` of uint8 images, in pixel units (float64)."""
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    for start in range(0, len(images), chunk):
+        part = images[start:start + chunk].reshape(-1, images.shape[-1]).astype(np.float64)
+        total += part.sum(0)
+        total_sq += (part ** 2).sum(0)
+    count = len(images) * images.shape[1] * images.shape[2]
+    mean = total / count
+    return mean, np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
+
+
+def normalization(mode, train_images=None):
+    """Returns ``{"mode", "mean", "std"}`` (pixel units) for ``"meanstd"`` or ``"scale"``."""
+    if mode == "scale":
+        return {"mode": "scale", "mean": [0.0, 0.0, 0.0], "std": [255.0, 255.0, 255.0]}
+    if mode == "meanstd":
+        mean, std = channel_stats(train_images)
+        return {"mode": "meanstd", "mean": mean.round(4).tolist(), "std": std.round(4).tolist()}
+    raise ValueError(f"`mode` must be 'meanstd' or 'scale'. Received: mode={mode!r}")
+
+
+def _options(tf):
+    options = tf.data.Options()
+    # In-memory data: shard by element across workers (MultiWorkerMirroredStrategy).
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return options
+
+
+def make_dataset(images, labels, batch_size, mean, std, *, training, augment=False, seed=0,
+                 shift=4):
+    """Builds the ``tf.data`` pipeline of one split.
+
+    Training: reshuffled every epoch (seeded), optional "+" augmentation, and
+    ``drop_remainder=True``: every step sees exactly ``batch_size`` images, so the
+    global batch splits evenly across replicas; the last ``n % batch_size`` images of
+    each (reshuffled) epoch are skipped. Evaluation keeps every image (a smaller last
+    batch).
+
+    Args:
+        images: uint8 ``(n, h, w, 3)``; labels: int ``(n,)``.
+        batch_size: global batch size.
+        mean, std: per-channel normalisation in pixel units.
+        training: training (shuffle, augment, drop remainder) or evaluation pipeline.
+        augment: pad ``shift`` zero pixels on each side, random crop back, random flip.
+        seed: shuffle and augmentation seed.
+        shift: maximal shift in pixels of the augmentation.
+
+    Returns:
+        A ``tf.data.Dataset`` of ``(float32 images, int32 labels)`` batches.
+    """
+    import tensorflow as tf
+
+    mean = tf.constant(mean, tf.float32)
+    std = tf.constant(std, tf.float32)
+    height, width = images.shape[1:3]
+
+    def augment_fn(x, y):
+        x = tf.pad(x, [[shift, shift], [shift, shift], [0, 0]])
+        x = tf.image.random_crop(x, [height, width, 3], seed=seed)
+        return tf.image.random_flip_left_right(x, seed=seed), y
+
+    def normalize_fn(x, y):
+        return (tf.cast(x, tf.float32) - mean) / std, y
+
+    ds = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
+    if training:
+        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+        if augment:
+            ds = ds.map(augment_fn, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(normalize_fn, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=training)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf))

@@ -1,0 +1,90 @@
+"""The paper's training recipes (Section 4.1.2) as data.
+
+Keys are the paper's dataset names: "+" marks the standard augmentation (shift and
+mirror). Every value can be overridden (``get_recipe(..., **overrides)``, or the
+matching ``keras-newton train`` flag).
+
+- SGD with Nesterov momentum 0.9, batch 128, learning rate 0.1 divided by 10 at 50%
+  and 75% of the epochs.
+- CIFAR: 300 epochs, weight decay 5e-4; SVHN: 40 epochs, weight decay 1e-4.
+- Dropout 0.2 on C10+/C100+, 0.3 on SVHN, 0.4 on C10/C100 (no augmentation).
+- Validation hold-out: 5,000 training images on CIFAR, 6,000 on SVHN; SVHN trains on
+  all its training data (``train+extra``, 604,388 images, as in the works it follows).
+- The model with the lowest validation error is kept.
+"""
+
+_COMMON = {
+    "optimizer": "sgd",
+    "momentum": 0.9,
+    "nesterov": True,
+    "batch_size": 128,
+    "lr": 0.1,
+    "lr_milestones": [0.5, 0.75],  # fractions of the total training steps
+    "lr_factor": 0.1,
+    "train_split": "train",
+    "val_size": 5000,
+}
+_CIFAR = {**_COMMON, "epochs": 300, "weight_decay": 5e-4}
+
+RECIPES = {
+    "C10": {**_CIFAR, "augment": False, "dropout": 0.4},
+    "C10+": {**_CIFAR, "augment": True, "dropout": 0.2},
+    "C100": {**_CIFAR, "augment": False, "dropout": 0.4},
+    "C100+": {**_CIFAR, "augment": True, "dropout": 0.2},
+    "SVHN": {**_COMMON, "epochs": 40, "weight_decay": 1e-4, "dropout": 0.3, "augment": False,
+             "train_split": "train+extra", "val_size": 6000},
+}
+
+# keras_newton.data dataset name -> paper name (without "+"). Your own images ("folder")
+# get the CIFAR recipe.
+DATASET_RECIPES = {"cifar10": "C10", "cifar100": "C100", "svhn": "SVHN", "folder": "C10"}
+
+
+def recipe_name(dataset, augment):
+    """Returns the paper's name of the recipe, e.g. ``("cifar10", True) -> "C10+"``."""
+    base = DATASET_RECIPES[dataset]
+    return f"{base}+" if augment and f"{base}+" in RECIPES else base
+
+
+def get_recipe(dataset, augment=False, **overrides):
+    """Returns a copy of the recipe for ``dataset`` with ``overrides`` applied.
+
+    Args:
+        dataset: a canonical dataset name (``keras_newton.data.canonical_dataset``).
+        augment: whether the "+" augmentation is used; picks C10+ over C10 etc.
+        **overrides: recipe keys to replace; ``None`` values are ignored.
+
+    Returns:
+        A dict with every key of ``RECIPES[...]`` plus ``"recipe"`` (its name).
+    """
+    name = recipe_name(dataset, augment)
+    recipe = {**RECIPES[name], "augment": bool(augment), "recipe": name}
+    for key, value in overrides.items():
+        if key not in recipe:
+            raise ValueError(f"Unknown recipe key. Valid keys: {sorted(RECIPES[name])}. "
+                             f"Received: {key}={value!r}")
+        if value is not None:
+            recipe[key] = value
+    _check(recipe)
+    return recipe
+
+
+def _check(recipe):
+    for key in ("batch_size", "epochs"):
+        value = recipe[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{key}` must be a positive integer. Received: {key}={value!r}")
+    for key in ("lr", "lr_factor"):
+        if not recipe[key] > 0:
+            raise ValueError(f"`{key}` must be > 0. Received: {key}={recipe[key]!r}")
+    if not 0 <= recipe["momentum"] < 1:
+        raise ValueError(f"`momentum` must be in [0, 1). Received: momentum={recipe['momentum']}")
+    if recipe["weight_decay"] < 0:
+        raise ValueError(
+            f"`weight_decay` must be >= 0. Received: weight_decay={recipe['weight_decay']}"
+        )
+    if recipe["dropout"] is not None and not 0 <= recipe["dropout"] < 1:
+        raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={recipe['dropout']}")
+    if not all(0 < m < 1 for m in recipe["lr_milestones"]):
+        raise ValueError("`lr_milestones` must be fractions of the training in (0, 1). "
+                         f"Received: lr_milestones={recipe['lr_milestones']}")

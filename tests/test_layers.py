@@ -1,0 +1,165 @@
+"""CGBlock / NewtonCGBlock against the NumPy reference of Algorithm 2, and layer contracts."""
+
+import keras
+import numpy as np
+import pytest
+from helpers import run_python
+from reference import newton_cg_block
+
+from keras_newton.layers import CGBlock, NewtonCGBlock
+
+pytestmark = pytest.mark.backend_agnostic
+
+
+def randomize(layer, rng):
+    """Gives every weight (BN moving statistics included) non-trivial random values."""
+    for w in layer.weights:
+        if w.path.endswith("moving_variance"):
+            value = rng.uniform(0.5, 2.0, w.shape)
+        elif w.path.endswith(("alpha", "beta")) and len(w.shape) == 0:
+            value = rng.uniform(0.3, 1.2)
+        else:
+            scale = 0.3 if len(w.shape) == 4 else 0.5
+            value = rng.normal(0.0, scale, w.shape)
+        w.assign(np.asarray(value, dtype="float32"))
+
+
+def arr(v):
+    return np.asarray(keras.ops.convert_to_numpy(v), dtype="float64")
+
+
+def bn_params(bn):
+    return tuple(arr(v) for v in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance))
+
+
+def reference_params(block):
+    """Copies the Keras weights into the plain dicts of tests/reference.py."""
+    blocks = []
+    for cg in block.cg_blocks:
+        p = {"alpha": arr(cg.alpha)}
+        if cg.beta is not None:
+            p["beta"] = arr(cg.beta)
+        pairs = [("w1", cg.conv1, cg.bn1), ("w2", cg.conv2, cg.bn2),
+                 ("w3", cg.conv3, cg.bn3), ("w4", cg.conv4, cg.bn4)]
+        if cg.use_projection:
+            pairs += [("proj_g", cg.proj_g_conv, cg.proj_g_bn),
+                      ("proj_y", cg.proj_y_conv, cg.proj_y_bn)]
+        for key, conv, bn in pairs:
+            p[key + "_w"], p[key + "_bn"] = arr(conv.kernel), bn_params(bn)
+        blocks.append(p)
+    proj = (arr(block.proj_conv.kernel), bn_params(block.proj_bn)) if block.use_projection \
+        else None
+    return blocks, proj
+
+
+@pytest.mark.parametrize("num_cg_blocks", [1, 2, 3])
+@pytest.mark.parametrize("in_channels,filters,strides", [(8, 8, 1), (4, 8, 2)])
+def test_matches_numpy_algorithm2(num_cg_blocks, in_channels, filters, strides, rng):
+    block = NewtonCGBlock(num_cg_blocks, filters, strides=strides, dropout_rate=0.3)
+    x = rng.normal(size=(2, 8, 8, in_channels)).astype("float32")
+    block.build(x.shape)
+    randomize(block, rng)
+    got = arr(block(x, training=False))
+    blocks, proj = reference_params(block)
+    want = newton_cg_block(x.astype("float64"), blocks, proj, strides)
+    assert got.shape == (2, 8 // strides, 8 // strides, filters)
+    assert (proj is not None) == (strides != 1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_scalars_per_algorithm2():
+    block = NewtonCGBlock(4, 8)
+    block.build((None, 8, 8, 8))
+    names = [w.path.rsplit("/", 1)[-1] for w in block.trainable_weights if len(w.shape) == 0]
+    assert names.count("alpha") == 4 and names.count("beta") == 3  # N alphas, N-1 betas
+    assert all(float(arr(w)) == 1.0 for w in block.trainable_weights if len(w.shape) == 0)
+
+
+def test_dropout_acts_only_in_training(rng):
+    x = rng.normal(size=(4, 8, 8, 8)).astype("float32")
+    plain, dropped = NewtonCGBlock(2, 8, dropout_rate=0.0), NewtonCGBlock(2, 8, dropout_rate=0.5)
+    for block in (plain, dropped):
+        block.build(x.shape)
+    randomize(plain, rng)
+    for a, b in zip(plain.weights, dropped.weights, strict=True):
+        b.assign(a)
+    np.testing.assert_allclose(arr(dropped(x, training=False)), arr(plain(x, training=False)),
+                               rtol=1e-6, atol=1e-6)
+    # Training mode: BN uses batch statistics in both, dropout only in `dropped`.
+    diff = np.abs(arr(dropped(x, training=True)) - arr(plain(x, training=True))).max()
+    assert diff > 1e-2
+
+
+def test_every_scalar_gets_a_gradient(rng):
+    """One plain-SGD step moves every alpha and beta, i.e. each has a non-zero gradient."""
+    inputs = keras.Input((8, 8, 4))
+    x = NewtonCGBlock(3, 8, strides=2, name="ncg")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3)(x))
+    model.compile(keras.optimizers.SGD(0.1),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    scalars = [w for w in model.trainable_weights if len(w.shape) == 0]
+    assert len(scalars) == 3 + 2
+    before = [float(arr(w)) for w in scalars]
+    model.fit(rng.normal(size=(16, 8, 8, 4)), rng.integers(0, 3, 16), batch_size=16, verbose=0)
+    for w, b in zip(scalars, before, strict=True):
+        assert abs(float(arr(w)) - b) > 1e-7, w.path
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    (CGBlock, {"filters": 8, "strides": 2, "dropout_rate": 0.1, "first_step": False,
+               "kernel_regularizer": keras.regularizers.L2(1e-4)}),
+    (NewtonCGBlock, {"num_cg_blocks": 2, "filters": 8, "strides": 2, "dropout_rate": 0.1}),
+])
+def test_config_round_trip(cls, kwargs):
+    layer = cls(**kwargs, name="blk")
+    config = layer.get_config()
+    clone = cls.from_config(config)
+    assert clone.get_config() == config
+    for key, value in kwargs.items():
+        if key != "kernel_regularizer":
+            assert config[key] == value
+    assert keras.saving.get_registered_name(cls) == f"keras_newton>{cls.__name__}"
+
+
+def test_keras_file_round_trip_in_fresh_process(tmp_path, rng):
+    inputs = keras.Input((16, 16, 3))
+    x = NewtonCGBlock(2, 8, strides=2, dropout_rate=0.2)(inputs)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    randomize(model.layers[1], rng)
+    x = rng.normal(size=(3, 16, 16, 3)).astype("float32")
+    path, inp = tmp_path / "m.keras", tmp_path / "x.npy"
+    model.save(path)
+    np.save(inp, x)
+    out = run_python(
+        "import sys, numpy as np, keras, keras_newton\n"
+        "m = keras.saving.load_model(sys.argv[1])\n"
+        "np.save(sys.argv[3], keras.ops.convert_to_numpy(m(np.load(sys.argv[2]))))\n"
+        "print(type(m.layers[1]).__name__)",
+        path, inp, tmp_path / "y.npy",
+    )
+    assert out.strip() == "NewtonCGBlock"
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), arr(model(x)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    ({"num_cg_blocks": 0, "filters": 8}, "num_cg_blocks"),
+    ({"num_cg_blocks": 2.5, "filters": 8}, "num_cg_blocks"),
+    ({"num_cg_blocks": 1, "filters": 0}, "filters"),
+    ({"num_cg_blocks": 1, "filters": -4}, "filters"),
+    ({"num_cg_blocks": 1, "filters": 8, "dropout_rate": 1.0}, "dropout_rate"),
+    ({"num_cg_blocks": 1, "filters": 8, "dropout_rate": -0.1}, "dropout_rate"),
+    ({"num_cg_blocks": 1, "filters": 8, "data_format": "NHWC"}, "data_format"),
+])
+def test_bad_arguments(kwargs, param):
+    with pytest.raises(ValueError, match=f"{param}="):
+        NewtonCGBlock(**kwargs)
+
+
+@pytest.mark.parametrize("shape,match", [
+    ((None, 8, 8), "rank-4"),
+    ((None, 8, 8, None), "known number of input channels"),
+])
+def test_bad_input_shape(shape, match):
+    with pytest.raises(ValueError, match=match):
+        NewtonCGBlock(1, 8).build(shape)

@@ -1,0 +1,130 @@
+"""Model builders: the paper's parameter counts, the applications contract, bad input."""
+
+import keras
+import numpy as np
+import pytest
+from helpers import run_python
+
+import keras_newton as kn
+from keras_newton import models
+
+pytestmark = pytest.mark.backend_agnostic
+
+# Table 3 of the paper (millions of parameters), typed in from the paper.
+PAPER_TABLE3 = {
+    "NewtonCGNet10": 0.29, "NewtonCGNet16": 0.48, "NewtonCGNet22": 0.68,
+    "NewtonCGNet28": 0.87, "NewtonCGNet56": 1.70, "NewtonCGNet82": 2.62,
+    "NewtonCGNet110": 3.45, "ResNet20": 0.27, "ResNet32": 0.46, "ResNet44": 0.66,
+    "ResNet56": 0.85, "ResNet110": 1.73, "ResNet164": 2.62,
+}
+SMALL = ["NewtonCGNet10", "ResNet20", "PlainNet20"]
+
+
+@pytest.mark.parametrize("builder,paper", sorted(PAPER_TABLE3.items()))
+def test_parameter_counts_match_paper_table3(builder, paper):
+    params = getattr(kn, builder)().count_params()
+    assert abs(params / 1e6 - paper) / paper <= 0.03, (builder, params)
+
+
+@pytest.mark.parametrize("depth,stages", [(10, (1, 1, 2)), (16, (2, 2, 3)), (22, (3, 3, 4)),
+                                          (28, (4, 4, 5)), (56, (9, 9, 9)),
+                                          (82, (13, 13, 14)), (110, (18, 18, 18))])
+def test_named_specs_are_the_papers(depth, stages):
+    model = getattr(kn, f"NewtonCGNet{depth}")()
+    assert [layer.num_cg_blocks for layer in model.layers
+            if isinstance(layer, kn.NewtonCGBlock)] == list(stages)
+    assert models.parse_spec(f"{depth}-{{{','.join(map(str, stages))}}}") == (depth, stages)
+
+
+def test_generic_builder_takes_string_or_ints():
+    a = kn.newton_cgnet("16-{2,2,3}")
+    b = kn.newton_cgnet((2, 2, 3), depth=16)
+    assert a.count_params() == b.count_params() == kn.NewtonCGNet16().count_params()
+    assert a.name == "newton_cgnet16"
+
+
+def test_stage_layout():
+    model = kn.NewtonCGNet10()
+    shapes = {layer.name: layer.output.shape for layer in model.layers}
+    assert shapes["stage1"] == (None, 32, 32, 16)
+    assert shapes["stage2"] == (None, 16, 16, 32)
+    assert shapes["stage3"] == (None, 8, 8, 64)
+    conv_kernels = [w for w in model.weights if w.path.endswith("kernel") and len(w.shape) == 4]
+    # stem + 4 CG Blocks x 4 convs + 2 x (3 projections) at the stride-2 stages
+    assert len(conv_kernels) == 1 + 4 * 4 + 2 * 3
+
+
+@pytest.mark.parametrize("builder", SMALL)
+def test_applications_contract(builder):
+    build = getattr(kn, builder)
+    assert build(include_top=False).output_shape == (None, 8, 8, 64)
+    assert build(include_top=False, pooling="avg").output_shape == (None, 64)
+    assert build(include_top=False, pooling="max").output_shape == (None, 64)
+    assert build(include_top=False, input_shape=(48, 48, 3)).output_shape == (None, 12, 12, 64)
+    assert build(classes=7).output_shape == (None, 7)
+    tensor = keras.Input((40, 40, 3))
+    assert build(input_tensor=tensor, input_shape=(40, 40, 3)).output_shape == (None, 10)
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
+    probs = keras.ops.convert_to_numpy(build()(x))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    logits = keras.ops.convert_to_numpy(build(classifier_activation=None)(x))
+    assert logits.min() < 0  # raw logits, not probabilities
+
+
+def test_weights_from_path_and_keras_round_trip(tmp_path, rng):
+    model = kn.NewtonCGNet10(dropout_rate=0.2)
+    for w in model.weights:
+        if w.path.endswith("moving_mean"):
+            w.assign(rng.normal(0, 0.1, w.shape).astype("float32"))
+    x = rng.normal(size=(2, 32, 32, 3)).astype("float32")
+    want = keras.ops.convert_to_numpy(model(x))
+    model.save_weights(tmp_path / "w.weights.h5")
+    again = kn.NewtonCGNet10(weights=str(tmp_path / "w.weights.h5"))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(again(x)), want, rtol=1e-6, atol=1e-6)
+    model.save(tmp_path / "m.keras")
+    np.save(tmp_path / "x.npy", x)
+    run_python(
+        "import sys, numpy as np, keras, keras_newton\n"
+        "m = keras.saving.load_model(sys.argv[1])\n"
+        "np.save(sys.argv[3], keras.ops.convert_to_numpy(m(np.load(sys.argv[2]))))",
+        tmp_path / "m.keras", tmp_path / "x.npy", tmp_path / "y.npy",
+    )
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, rtol=1e-6, atol=1e-6)
+
+
+def test_registry_names():
+    assert models.canonical_name("newton_cgnet_56") == "newton_cgnet56"
+    assert models.canonical_name("NewtonCGNet-82") == "newton_cgnet82"
+    assert models.canonical_name("ResNet110") == "resnet110"
+    assert models.get_model("plainnet20").name == "plainnet20"
+    with pytest.raises(ValueError, match=r"Valid names: \[.*newton_cgnet10.*model='vgg16'"):
+        models.get_model("vgg16")
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: kn.newton_cgnet("82-{13,13,13}"), "depth=82"),
+    (lambda: kn.newton_cgnet((1, 1, 2), depth=12), "depth=12"),
+    (lambda: kn.newton_cgnet((1, 0, 2)), "stages="),
+    (lambda: kn.newton_cgnet("deep"), "stages='deep'"),
+    (lambda: kn.newton_cgnet((1, 1, 2), dropout_rate=1.5), "dropout_rate=1.5"),
+    (lambda: kn.resnet(21), "depth=21"),
+    (lambda: kn.plainnet(0), "depth=0"),
+    (lambda: kn.NewtonCGNet10(pooling="mean"), "pooling='mean'"),
+    (lambda: kn.NewtonCGNet10(classes=0), "classes=0"),
+    (lambda: kn.NewtonCGNet10(weights="imagenet"), "weights='imagenet'"),
+    (lambda: kn.NewtonCGNet10(input_shape=(4, 4, 3)), "at least 8x8"),
+    (lambda: kn.NewtonCGNet10(input_shape=(32, 32)), "input_shape="),
+    (lambda: kn.ResNet20(weight_decay=-1.0), "weight_decay"),
+])
+def test_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_cli_models_table(capsys):
+    from keras_newton.cli import main
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("newton_cgnet82 "))
+    assert "2.62M" in row and "82" in row.split()[1]
