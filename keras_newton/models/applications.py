@@ -4,6 +4,7 @@ import os
 
 import keras
 
+from keras_newton import zoo
 from keras_newton.layers.common import batch_norm, conv, standardize_data_format
 
 POOLINGS = (None, "avg", "max")
@@ -51,6 +52,7 @@ def classifier(
     *,
     backbone,
     name,
+    arch=None,
     include_top,
     weights,
     input_tensor,
@@ -66,6 +68,7 @@ def classifier(
     """Builds ``inputs -> backbone(x) -> [pooling | GAP + Dense]`` as a functional model.
 
     ``backbone(x, data_format, kernel_regularizer)`` must return the last feature map.
+    ``weights`` is None, a path, or a tag of ``keras_newton.zoo`` for ``arch``.
     """
     data_format = standardize_data_format(data_format)
     _check_choice("pooling", pooling, POOLINGS)
@@ -73,11 +76,30 @@ def classifier(
         raise ValueError(f"`classes` must be a positive integer. Received: classes={classes!r}")
     if weight_decay < 0:
         raise ValueError(f"`weight_decay` must be >= 0. Received: weight_decay={weight_decay}")
-    if weights is not None and not (isinstance(weights, str) and os.path.exists(weights)):
+    if weights is not None and not isinstance(weights, str):
         raise ValueError(
-            "`weights` must be None or the path to an existing `.weights.h5` file. "
-            f"Received: weights={weights!r}"
+            "`weights` must be None, a pretrained tag (see keras_newton.zoo.available()) or "
+            f"the path to a `.weights.h5` file. Received: weights={weights!r}"
         )
+    entry = None
+    if weights is not None and not os.path.exists(weights):
+        if arch is None:
+            raise ValueError(
+                "Pretrained weights exist only for the named architectures (e.g. "
+                f"NewtonCGNet10). Received: weights={weights!r} for model {name!r}"
+            )
+        entry = zoo.get_entry(arch, weights)
+        if include_top and classes != entry["classes"]:
+            raise ValueError(
+                f"Pretrained weights {arch}.{weights} have {entry['classes']} classes; use "
+                "include_top=False for another number of classes. "
+                f"Received: classes={classes}"
+            )
+        if include_top and classifier_activation not in ("softmax", None):
+            raise ValueError(
+                "Only classifier_activation='softmax' or None fit pretrained weights. "
+                f"Received: classifier_activation={classifier_activation!r}"
+            )
     regularizer = keras.regularizers.L2(weight_decay / 2) if weight_decay else None
 
     inputs, x = image_input(input_tensor, input_shape, default_size, min_size, data_format)
@@ -96,7 +118,21 @@ def classifier(
     elif pooling == "max":
         x = keras.layers.GlobalMaxPooling2D(data_format=data_format, name="max_pool")(x)
     model = keras.Model(inputs, x, name=name)
-    if weights is not None:
+    if entry is not None:
+        path = zoo.weights_path(arch, weights)
+        if include_top:
+            model.load_weights(path)
+        else:  # the backbone of the same weights: copy layer by (stable) name
+            full = classifier(
+                backbone=backbone, arch=arch, name=name, include_top=True, weights=str(path),
+                input_tensor=None, input_shape=model.input_shape[1:], pooling=None,
+                classes=entry["classes"], classifier_activation=None,
+                default_size=default_size, min_size=min_size, data_format=data_format,
+            )
+            for layer in model.layers:
+                if layer.weights:
+                    layer.set_weights(full.get_layer(layer.name).get_weights())
+    elif weights is not None:
         model.load_weights(weights)
     return model
 

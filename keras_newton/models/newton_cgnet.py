@@ -118,6 +118,8 @@ def newton_cgnet(
 
     return classifier(
         backbone=backbone,
+        arch=f"newton_cgnet{depth}" if SPECS.get(depth) == stages and width_multiplier == 1
+        else None,
         name=name or f"newton_cgnet{depth}",
         include_top=include_top,
         weights=weights,

@@ -47,8 +47,9 @@ def _stack(depth, shortcut, family, **kwargs):
                                  data_format, kernel_regularizer)
         return x
 
-    kwargs["name"] = kwargs.get("name") or f"{family.lower()}{depth}"
-    return classifier(backbone=backbone, default_size=32, min_size=8, **kwargs)
+    arch = f"{family.lower()}{depth}"
+    kwargs["name"] = kwargs.get("name") or arch
+    return classifier(backbone=backbone, arch=arch, default_size=32, min_size=8, **kwargs)
 
 
 def _signature_doc(family, what):

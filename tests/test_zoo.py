@@ -1,0 +1,101 @@
+"""Pretrained-weights registry: schema against the built models, hash checks, loading."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import keras_newton as kn
+from keras_newton import models, zoo
+
+
+@pytest.fixture
+def fake_entry(tmp_path, monkeypatch, rng):
+    """A temporary registry entry `newton_cgnet10.test` backed by random weights."""
+    model = kn.NewtonCGNet10()
+    for w in model.weights:
+        w.assign(rng.normal(0, 0.1, w.shape).astype("float32") + (
+            1.0 if w.path.endswith("variance") else 0.0))
+    path = tmp_path / "newton_cgnet10.test.weights.h5"
+    model.save_weights(path)
+    entry = {
+        "file": path.name, "sha256": zoo.sha256(path), "num_params": model.count_params(),
+        "classes": 10, "dataset": "test", "split": "test", "metrics": {"val_accuracy": 0.1},
+        "epochs": 0, "recipe": {"command": "none", "commit": "none"},
+        "preprocessing": {"mean": [125.0, 123.0, 114.0], "std": [63.0, 62.0, 66.0]},
+        "class_names": zoo.CIFAR10_CLASSES, "date": "2026-11-27", "license": "Apache-2.0",
+        "paper": zoo.PAPER,
+    }
+    monkeypatch.setitem(zoo.REGISTRY, "newton_cgnet10.test", entry)
+    monkeypatch.setenv("KERAS_NEWTON_ZOO", str(tmp_path))
+    return model, path
+
+
+def test_registry_schema_matches_models():
+    """torchvision-style meta check: every entry against the model it claims to be."""
+    if not zoo.REGISTRY:
+        pytest.skip("no pretrained weights registered yet")
+    for key, entry in zoo.REGISTRY.items():
+        arch, _ = key.split(".", 1)
+        assert set(zoo.REQUIRED_FIELDS) <= set(entry), key
+        assert entry["num_params"] == models.get_model(arch).count_params(), key
+        assert zoo.sha256(zoo.weights_path(*key.split(".", 1))) == entry["sha256"], key
+        assert len(entry["class_names"]) == entry["classes"], key
+
+
+def test_registry_golden_logits():
+    """Stored logits (first 10 values, fixed seeded input) guard layer names and order."""
+    golden = zoo.REPO_ZOO / "golden.json"
+    if not zoo.REGISTRY:
+        pytest.skip("no pretrained weights registered yet")
+    stored = json.loads(golden.read_text())
+    for key in zoo.REGISTRY:
+        arch, tag = key.split(".", 1)
+        model = models.get_model(arch, weights=tag, classifier_activation=None)
+        x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
+        logits = keras.ops.convert_to_numpy(model(x)).ravel()[:10]
+        np.testing.assert_allclose(logits, stored[key], atol=1e-4, rtol=0)
+
+
+def test_load_by_tag_and_backbone(fake_entry):
+    model, _ = fake_entry
+    x = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype("float32")
+    loaded = kn.NewtonCGNet10(weights="test")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)),
+                               keras.ops.convert_to_numpy(model(x)), rtol=1e-6, atol=1e-6)
+    notop = kn.NewtonCGNet10(weights="test", include_top=False, pooling="avg",
+                             input_shape=(48, 48, 3))
+    for layer in notop.layers:
+        for a, b in zip(layer.get_weights(), model.get_layer(layer.name).get_weights(),
+                        strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_corrupted_file_is_detected(fake_entry):
+    _, path = fake_entry
+    path.write_bytes(path.read_bytes()[:-100])  # truncated
+    with pytest.raises(ValueError, match=r"newton_cgnet10.test.weights.h5 is corrupted or truncated"):
+        kn.NewtonCGNet10(weights="test")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"weights": "imagenet"}, r"Available for newton_cgnet10: \[.*'test'.*weights='imagenet'"),
+    ({"weights": "test", "classes": 100}, "include_top=False.*classes=100"),
+    ({"weights": "test", "classifier_activation": "sigmoid"}, "classifier_activation"),
+])
+def test_bad_weights_arguments(fake_entry, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        kn.NewtonCGNet10(**kwargs)
+
+
+def test_preprocess_and_decode(fake_entry):
+    x = np.full((1, 2, 2, 3), 128, dtype="uint8")
+    out = zoo.preprocess_input(x, "newton_cgnet10", "test")
+    np.testing.assert_allclose(out[0, 0, 0], [(128 - 125) / 63, (128 - 123) / 62,
+                                              (128 - 114) / 66], rtol=1e-6)
+    preds = np.eye(10)[[3, 8]] * 0.9 + 0.01
+    decoded = zoo.decode_predictions(preds, top=2)
+    assert decoded[0][0][:2] == (3, "cat") and decoded[1][0][:2] == (8, "ship")
+    with pytest.raises(ValueError, match="preds.shape"):
+        zoo.decode_predictions(np.zeros((2, 5)))
