@@ -1,0 +1,135 @@
+"""Training throughput and peak memory: Newton-CGNet vs the equal-parameter ResNet.
+
+Each measurement runs in a fresh child process (so peak memory is that model's own),
+alternating Newton-CGNet and ResNet within every repeat; the parent prints medians
+and ratios. Throughput is steady state (after compilation and warm-up steps) on
+synthetic 32x32x3 data through the same ``tf.data``-free ``fit`` loop for both.
+
+    python benchmarks/train_speed.py                          # TF, CPU, all pairs
+    python benchmarks/train_speed.py --pairs 56:110 --jit     # XLA on
+    KERAS_BACKEND=jax python benchmarks/train_speed.py --mixed-precision   # on a GPU
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+PAIRS = {"10:20": ("newton_cgnet10", "resnet20"), "56:110": ("newton_cgnet56", "resnet110"),
+         "82:164": ("newton_cgnet82", "resnet164")}
+
+
+def forward_flops(model):
+    """2 x multiply-accumulates of every convolution and dense layer, one image."""
+    import keras
+
+    from keras_newton.layers import CGBlock, NewtonCGBlock
+
+    def layer_flops(layer, out_shape):
+        if isinstance(layer, keras.layers.Conv2D):
+            k = layer.kernel.shape
+            return 2 * out_shape[1] * out_shape[2] * k[0] * k[1] * k[2] * k[3]
+        if isinstance(layer, keras.layers.Dense):
+            return 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
+        return 0
+
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, NewtonCGBlock):
+            out = layer.output.shape
+            subs = [b for b in layer.cg_blocks] + ([layer.proj_conv] if layer.use_projection
+                                                   else [])
+            for sub in subs:
+                convs = ([sub.conv1, sub.conv2, sub.conv3, sub.conv4]
+                         + ([sub.proj_g_conv, sub.proj_y_conv] if getattr(
+                             sub, "use_projection", False) else [])
+                         if isinstance(sub, CGBlock) else [sub])
+                total += sum(layer_flops(c, out) for c in convs)
+        else:
+            total += layer_flops(layer, layer.output.shape)
+    return total
+
+
+def child(args):
+    import resource
+    import time
+
+    import keras
+    import numpy as np
+
+    from keras_newton import models
+
+    if args.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    model = models.get_model(args.child, weight_decay=5e-4)
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True),
+                  "sparse_categorical_crossentropy", jit_compile=args.jit)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.batch * args.steps, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 10, len(x))
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model.fit(x[: args.batch * 2], y[: args.batch * 2], batch_size=args.batch, verbose=0)
+    start = time.perf_counter()
+    model.fit(x, y, batch_size=args.batch, verbose=0)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"images_per_s": len(x) / seconds, "peak_rss_mb": peak / 1024,
+                      "train_peak_mb": (peak - rss0) / 1024,
+                      "gflop_per_image": 3 * forward_flops(model) / 1e9}))
+
+
+def measure(name, args):
+    cmd = [sys.executable, __file__, "--child", name, "--batch", str(args.batch),
+           "--steps", str(args.steps)] + (["--jit"] if args.jit else []) + (
+           ["--mixed-precision"] if args.mixed_precision else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cpu_peak_gflops():
+    """Nominal fp32 peak: cores x GHz x 32 FLOP/cycle (2 AVX2 FMA units)."""
+    with open("/proc/cpuinfo") as f:
+        mhz = next(float(line.split(":")[1]) for line in f if line.startswith("cpu MHz"))
+    return os.cpu_count() * mhz / 1000 * 32
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", default=",".join(PAIRS), help=f"of {list(PAIRS)}")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--jit", action="store_true", help="XLA (jit_compile=True)")
+    parser.add_argument("--mixed-precision", action="store_true", help="bf16 compute")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    import keras
+
+    print(f"backend={keras.backend.backend()} jit={args.jit} batch={args.batch} "
+          f"steps={args.steps} repeats={args.repeats} cpus={os.cpu_count()} "
+          f"nominal peak ~{cpu_peak_gflops():.0f} GFLOP/s")
+    print(f"{'model':16s} {'img/s':>8s} {'GFLOP/s':>8s} {'%peak':>6s} {'train MB':>9s}")
+    for pair in args.pairs.split(","):
+        runs = {name: [] for name in PAIRS[pair]}
+        for _ in range(args.repeats):
+            for name in PAIRS[pair]:  # alternate within each repeat
+                runs[name].append(measure(name, args))
+        med = {}
+        for name, rs in runs.items():
+            ips = statistics.median(r["images_per_s"] for r in rs)
+            mem = statistics.median(r["train_peak_mb"] for r in rs)
+            gflops = ips * rs[0]["gflop_per_image"]
+            med[name] = (ips, mem)
+            print(f"{name:16s} {ips:8.1f} {gflops:8.1f} {100 * gflops / cpu_peak_gflops():5.1f}%"
+                  f" {mem:9.0f}")
+        (a, b) = PAIRS[pair]
+        print(f"  ratio {a}/{b}: throughput {med[a][0] / med[b][0]:.2f}x, "
+              f"peak training memory {med[a][1] / med[b][1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
