@@ -18,7 +18,9 @@ import subprocess
 import sys
 
 PAIRS = {"10:20": ("newton_cgnet10", "resnet20"), "56:110": ("newton_cgnet56", "resnet110"),
-         "82:164": ("newton_cgnet82", "resnet164")}
+         "82:164": ("newton_cgnet82", "resnet164"),
+         # the fused CG Block against the plain one (same weights, same outputs)
+         "56fused:56plain": ("newton_cgnet56", "newton_cgnet56:plain")}
 
 
 def forward_flops(model):
@@ -63,7 +65,14 @@ def child(args):
 
     if args.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    model = models.get_model(args.child, weight_decay=5e-4)
+    name, _, variant = args.child.partition(":")
+    model = models.get_model(name, weight_decay=5e-4)
+    if variant == "plain":
+        config = model.get_config()
+        for layer in config["layers"]:
+            if layer["class_name"] == "NewtonCGBlock":
+                layer["config"]["fused"] = False
+        model = keras.Model.from_config(config)
     model.compile(keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True),
                   "sparse_categorical_crossentropy", jit_compile=args.jit)
     rng = np.random.default_rng(0)
@@ -97,7 +106,7 @@ def cpu_peak_gflops():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--pairs", default=",".join(PAIRS), help=f"of {list(PAIRS)}")
+    parser.add_argument("--pairs", default="10:20,56:110,82:164", help=f"of {list(PAIRS)}")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
     parser.add_argument("--repeats", type=int, default=3)

@@ -52,10 +52,12 @@ def reference_params(block):
     return blocks, proj
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("num_cg_blocks", [1, 2, 3])
 @pytest.mark.parametrize("in_channels,filters,strides", [(8, 8, 1), (4, 8, 2)])
-def test_matches_numpy_algorithm2(num_cg_blocks, in_channels, filters, strides, rng):
-    block = NewtonCGBlock(num_cg_blocks, filters, strides=strides, dropout_rate=0.3)
+def test_matches_numpy_algorithm2(num_cg_blocks, in_channels, filters, strides, fused, rng):
+    block = NewtonCGBlock(num_cg_blocks, filters, strides=strides, dropout_rate=0.3,
+                          fused=fused)
     x = rng.normal(size=(2, 8, 8, in_channels)).astype("float32")
     block.build(x.shape)
     randomize(block, rng)
@@ -104,6 +106,32 @@ def test_every_scalar_gets_a_gradient(rng):
     model.fit(rng.normal(size=(16, 8, 8, 4)), rng.integers(0, 3, 16), batch_size=16, verbose=0)
     for w, b in zip(scalars, before, strict=True):
         assert abs(float(arr(w)) - b) > 1e-7, w.path
+
+
+def _one_sgd_step(fused, x, y, weights):
+    inputs = keras.Input(x.shape[1:])
+    h = NewtonCGBlock(3, 8, strides=2, fused=fused, name="ncg")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(h)))
+    if weights is not None:
+        model.set_weights(weights)
+    model.compile(keras.optimizers.SGD(1.0),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    start = model.get_weights()
+    infer = keras.ops.convert_to_numpy(model(x, training=False))
+    model.fit(x, y, batch_size=len(x), shuffle=False, verbose=0)
+    return start, infer, [a - b for a, b in zip(start, model.get_weights(), strict=True)]
+
+
+def test_fused_path_same_outputs_gradients_and_weights(rng):
+    """Fused convolutions: same weights, outputs (inference) and gradients (training)."""
+    x = rng.normal(size=(8, 8, 8, 4)).astype("float32")
+    y = rng.integers(0, 3, 8)
+    weights, infer_f, grads_f = _one_sgd_step(True, x, y, None)
+    _, infer_p, grads_p = _one_sgd_step(False, x, y, weights)
+    np.testing.assert_allclose(infer_f, infer_p, rtol=1e-5, atol=1e-5)
+    for gf, gp in zip(grads_f, grads_p, strict=True):  # lr = 1: update = gradient
+        np.testing.assert_allclose(gf, gp, rtol=1e-5, atol=1e-5)
+    assert max(np.abs(g).max() for g in grads_f) > 1e-3
 
 
 @pytest.mark.parametrize("cls,kwargs", [

@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_newton.layers.common import (
     batch_norm,
+    channel_axis,
     check_dropout_rate,
     check_image_shape,
     check_positive_int,
@@ -44,6 +45,9 @@ class CGBlock(keras.layers.Layer):
         kernel_regularizer: optional regularizer for the convolution kernels.
         data_format: ``"channels_last"`` or ``"channels_first"``; defaults to
             ``keras.config.image_data_format()``.
+        fused: compute ``W1*y`` and ``W3*y`` (and ``W2*y`` at inference) with one
+            convolution of concatenated kernels; same weights and outputs as the
+            plain path (``fused=False``), faster.
         **kwargs: standard layer arguments (``name``, ``dtype``, ...).
 
     Call arguments:
@@ -71,9 +75,11 @@ class CGBlock(keras.layers.Layer):
         first_step=True,
         kernel_regularizer=None,
         data_format=None,
+        fused=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.fused = bool(fused)
         self.filters = check_positive_int("filters", filters)
         self.strides = check_positive_int("strides", strides)
         self.dropout_rate = check_dropout_rate(dropout_rate)
@@ -129,10 +135,30 @@ class CGBlock(keras.layers.Layer):
             else self.add_weight(name="beta", shape=(), initializer="ones")
         )
 
+    def _convs_of_y(self, y, training):
+        """``W1*y``, ``W3*y`` and, at inference, ``W2*y`` as one convolution.
+
+        They read the same tensor (Dropout before ``W2`` is the identity at
+        inference), so one convolution with concatenated kernels computes them all.
+        The kernels stay separate variables: fused and plain paths share weights.
+        """
+        convs = [self.conv1, self.conv3] + ([self.conv2] if not training else [])
+        kernel = ops.concatenate([ops.cast(c.kernel, y.dtype) for c in convs], axis=-1)
+        out = ops.conv(y, kernel, strides=self.strides, padding="same",
+                       data_format=self.data_format)
+        parts = ops.split(out, len(convs), axis=channel_axis(self.data_format))
+        return parts[0], parts[1], parts[2] if not training else None
+
     def call(self, y, d_prev=None, training=None):
-        g1 = self.dropout1(self.bn1(self.conv1(y), training=training), training=training)
-        g2 = self.bn2(self.conv2(self.dropout2(y, training=training)), training=training)
-        h3 = ops.relu(self.bn3(self.conv3(y), training=training))
+        if self.fused:
+            w1y, w3y, w2y = self._convs_of_y(y, training)
+        else:
+            w1y, w3y, w2y = self.conv1(y), self.conv3(y), None
+        if w2y is None:
+            w2y = self.conv2(self.dropout2(y, training=training))
+        g1 = self.dropout1(self.bn1(w1y, training=training), training=training)
+        g2 = self.bn2(w2y, training=training)
+        h3 = ops.relu(self.bn3(w3y, training=training))
         g3 = self.bn4(self.conv4(self.dropout3(h3, training=training)), training=training)
         if self.use_projection:
             y_g = self.proj_g_bn(self.proj_g_conv(y), training=training)
@@ -158,6 +184,7 @@ class CGBlock(keras.layers.Layer):
                 "first_step": self.first_step,
                 "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
                 "data_format": self.data_format,
+                "fused": self.fused,
             }
         )
         return config

@@ -31,6 +31,7 @@ class NewtonCGBlock(keras.layers.Layer):
         dropout_rate: float in [0, 1).
         kernel_regularizer: optional regularizer for the convolution kernels.
         data_format: ``"channels_last"`` or ``"channels_first"``.
+        fused: use the fused convolutions of `CGBlock` (same weights and outputs).
         **kwargs: standard layer arguments.
 
     Call arguments:
@@ -55,9 +56,11 @@ class NewtonCGBlock(keras.layers.Layer):
         dropout_rate=0.0,
         kernel_regularizer=None,
         data_format=None,
+        fused=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.fused = bool(fused)
         self.num_cg_blocks = check_positive_int("num_cg_blocks", num_cg_blocks)
         self.filters = check_positive_int("filters", filters)
         self.strides = check_positive_int("strides", strides)
@@ -72,6 +75,7 @@ class NewtonCGBlock(keras.layers.Layer):
                 first_step=t == 0,
                 kernel_regularizer=self.kernel_regularizer,
                 data_format=self.data_format,
+                fused=self.fused,
                 name=f"cg{t}",
             )
             for t in range(num_cg_blocks)
@@ -113,6 +117,7 @@ class NewtonCGBlock(keras.layers.Layer):
                 "dropout_rate": self.dropout_rate,
                 "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
                 "data_format": self.data_format,
+                "fused": self.fused,
             }
         )
         return config
