@@ -1,0 +1,110 @@
+"""``keras-newton zoo``: list, add a training run to the registry, regenerate model cards."""
+
+HELP = "Pretrained weights: list entries, add a finished training run, write model cards."
+
+
+def add_arguments(parser):
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="print the registry")
+    sub.add_parser("cards", help="regenerate zoo/*.md from the registry")
+    add = sub.add_parser("add", help="register the best weights of a `keras-newton train` run")
+    add.add_argument("--run", required=True, help="the run's --out folder")
+    add.add_argument("--tag", required=True, help="e.g. cifar10")
+    add.add_argument("--dataset-label", default="CIFAR-10 (JPEG-75 re-encoding)")
+    add.add_argument("--notes", default="")
+
+
+def write_cards():
+    from keras_newton import zoo
+
+    for key in zoo.REGISTRY:
+        (zoo.REPO_ZOO / f"{key}.md").write_text(zoo.model_card(key))
+
+
+def golden_logits(arch, tag):
+    """First 10 logits of the seeded input used by tests/test_zoo.py."""
+    import keras
+    import numpy as np
+
+    from keras_newton import models
+
+    model = models.get_model(arch, weights=tag, classifier_activation=None)
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
+    return [round(float(v), 6) for v in keras.ops.convert_to_numpy(model(x)).ravel()[:10]]
+
+
+def add(args):
+    import datetime
+    import json
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from keras_newton import models, zoo
+    from keras_newton.commands.evaluate import evaluate_model, load_split
+    from keras_newton.data import load_dataset
+
+    run = Path(args.run)
+    config = json.loads((run / "config.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    prep = json.loads((run / "preprocessing.json").read_text())
+    arch = models.canonical_name(config["model"])
+    key = f"{arch}.{args.tag}"
+    zoo.REPO_ZOO.mkdir(exist_ok=True)
+    target = zoo.REPO_ZOO / f"{key}.weights.h5"
+    shutil.copyfile(run / "best.weights.h5", target)
+    for name, suffix in (("history.csv", "history.csv"), ("curves.png", "curves.png")):
+        shutil.copyfile(run / name, zoo.REPO_ZOO / f"{key}.{suffix}")
+    images, labels, class_names = load_split(config["dataset"], config["data"], "val",
+                                             config["val_size"], config["seed"])
+    n_train = len(load_dataset(config["dataset"], config["data"], "train")) - len(labels)
+    metrics = evaluate_model(arch, str(target), images, labels, prep, len(class_names))
+    commit = summary.get("commit") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    zoo.REGISTRY[key] = {
+        "file": target.name,
+        "sha256": zoo.sha256(target),
+        "num_params": models.get_model(arch).count_params(),
+        "classes": len(class_names),
+        "dataset": args.dataset_label,
+        "split": f"{n_train} train / {len(labels)} validation images: a seeded "
+                 f"(seed {config['seed']}), class-balanced hold-out of the training split",
+        "metrics": {"val_top1": round(metrics["top1"], 4),
+                    "val_images": metrics["num_images"],
+                    "val_per_class": dict(zip(class_names, metrics["per_class_accuracy"],
+                                              strict=True))},
+        "eval": {"split": "val", "val_size": config["val_size"], "seed": config["seed"]},
+        "epochs": config["epochs"],
+        "recipe": {"command": summary.get("command") or "", "commit": commit,
+                   "notes": args.notes},
+        "preprocessing": {"mean": prep["mean"], "std": prep["std"]},
+        "class_names": class_names,
+        "date": datetime.date.today().isoformat(),
+        "license": "Apache-2.0",
+        "paper": zoo.PAPER,
+    }
+    registry_file = Path(zoo.__file__).with_name("zoo_registry.json")
+    registry_file.write_text(json.dumps(zoo.REGISTRY, indent=1) + "\n")
+    golden_file = zoo.REPO_ZOO / "golden.json"
+    golden = json.loads(golden_file.read_text()) if golden_file.exists() else {}
+    golden[key] = golden_logits(arch, args.tag)
+    golden_file.write_text(json.dumps(golden, indent=1) + "\n")
+    write_cards()
+    print(f"registered {key}: val top-1 {100 * metrics['top1']:.2f}% "
+          f"({metrics['num_images']} images), sha256 {zoo.REGISTRY[key]['sha256'][:12]}...")
+    return 0
+
+
+def run(args):
+    from keras_newton import zoo
+
+    if args.action == "add":
+        return add(args)
+    if args.action == "cards":
+        write_cards()
+        print(f"wrote {len(zoo.REGISTRY)} cards to {zoo.REPO_ZOO}")
+        return 0
+    for key, e in sorted(zoo.REGISTRY.items()):
+        print(f"{key:28s} val top-1 {100 * e['metrics']['val_top1']:.2f}%  {e['epochs']} epochs"
+              f"  {e['dataset']}  {e['file']}")
+    return 0
