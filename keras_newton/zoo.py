@@ -19,10 +19,10 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
 PAPER = ("Shen et al., Newton design: designing CNNs with the family of Newton's methods, "
          "Sci China Inf Sci 66(6):162101, 2023")
 REPO_ZOO = Path(__file__).resolve().parents[1] / "zoo"
-_REGISTRY_FILE = Path(__file__).with_name("zoo_registry.json")
+REGISTRY_FILE = Path(__file__).with_name("zoo_registry.json")
 
 # Filled from zoo_registry.json (written by `keras-newton zoo add`, never by hand).
-REGISTRY = json.loads(_REGISTRY_FILE.read_text()) if _REGISTRY_FILE.exists() else {}
+REGISTRY = json.loads(REGISTRY_FILE.read_text()) if REGISTRY_FILE.exists() else {}
 REQUIRED_FIELDS = ("file", "sha256", "num_params", "classes", "dataset", "split", "metrics",
                    "epochs", "recipe", "preprocessing", "class_names", "date", "license",
                    "paper")

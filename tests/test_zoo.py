@@ -52,7 +52,8 @@ def test_registry_golden_logits():
     stored = json.loads(golden.read_text())
     for key in zoo.REGISTRY:
         arch, tag = key.split(".", 1)
-        model = models.get_model(arch, weights=tag, classifier_activation=None)
+        model = models.get_model(arch, weights=tag, classes=zoo.REGISTRY[key]["classes"],
+                                 classifier_activation=None)
         x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
         logits = keras.ops.convert_to_numpy(model(x)).ravel()[:10]
         np.testing.assert_allclose(logits, stored[key], atol=1e-4, rtol=0)
@@ -75,7 +76,7 @@ def test_load_by_tag_and_backbone(fake_entry):
 def test_corrupted_file_is_detected(fake_entry):
     _, path = fake_entry
     path.write_bytes(path.read_bytes()[:-100])  # truncated
-    with pytest.raises(ValueError, match=r"newton_cgnet10.test.weights.h5 is corrupted or truncated"):
+    with pytest.raises(ValueError, match=r"cgnet10.test.weights.h5 is corrupted or truncated"):
         kn.NewtonCGNet10(weights="test")
 
 

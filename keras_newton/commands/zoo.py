@@ -26,9 +26,10 @@ def golden_logits(arch, tag):
     import keras
     import numpy as np
 
-    from keras_newton import models
+    from keras_newton import models, zoo
 
-    model = models.get_model(arch, weights=tag, classifier_activation=None)
+    classes = zoo.get_entry(arch, tag)["classes"]
+    model = models.get_model(arch, weights=tag, classes=classes, classifier_activation=None)
     x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
     return [round(float(v), 6) for v in keras.ops.convert_to_numpy(model(x)).ravel()[:10]]
 
@@ -83,8 +84,7 @@ def add(args):
         "license": "Apache-2.0",
         "paper": zoo.PAPER,
     }
-    registry_file = Path(zoo.__file__).with_name("zoo_registry.json")
-    registry_file.write_text(json.dumps(zoo.REGISTRY, indent=1) + "\n")
+    zoo.REGISTRY_FILE.write_text(json.dumps(zoo.REGISTRY, indent=1) + "\n")
     golden_file = zoo.REPO_ZOO / "golden.json"
     golden = json.loads(golden_file.read_text()) if golden_file.exists() else {}
     golden[key] = golden_logits(arch, args.tag)
