@@ -12,6 +12,11 @@ import sys
 COMMANDS = {
     "models": "keras_newton.commands.models",
     "table2": "keras_newton.design.cli",
+    "train": "keras_newton.training.cli",
+    "evaluate": "keras_newton.commands.evaluate",
+    "zoo": "keras_newton.commands.zoo",
+    "export": "keras_newton.export.cli",
+    "predict": "keras_newton.export.predict_cli",
 }
 
 

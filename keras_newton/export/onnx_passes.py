@@ -1,0 +1,144 @@
+"""Exact clean-ups of a tf2onnx graph for ONNX Runtime on CPU.
+
+tf2onnx converts NHWC convolutions to NCHW ``Conv`` nodes wrapped in Transposes and
+cancels the pairs, but it does not push a Transpose through a multi-output ``Split``,
+so every ``Conv -> Split`` on channels (the fused convolutions of `CGBlock`, the merged
+convolution of `FoldedNewtonCGBlock`) leaves two layout copies per CG Block. And ONNX
+Runtime's blocked-layout (NCHWc) kernels have no ``Split``: a split convolution output
+is reordered back and forth, and the BatchNormalization after it cannot be fused into
+the convolution. The passes here:
+
+1. `push_transposes_through_split`: ``Transpose(p) -> Split(axis a)`` becomes
+   ``Split(axis p[a]) -> Transpose(p)`` on every output, so that tf2onnx's transpose
+   optimizer can cancel the pairs;
+2. `split_channel_convs`: ``Conv(W, b) -> Split(axis 1)`` becomes one ``Conv`` per
+   part, with the matching rows of ``W`` and ``b`` (the same arithmetic; ORT then fuses
+   each with its ReLU, BN affine or Add).
+
+Both are exact rewrites (no arithmetic changes); `simplify` runs them and then tf2onnx's
+optimizers. Parity against Keras is measured on the result.
+"""
+
+import numpy as np
+
+__all__ = ["push_transposes_through_split", "simplify", "split_channel_convs"]
+
+
+def _attr(node, name, default=None):
+    import onnx
+
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _index(graph):
+    producer = {out: n for n in graph.node for out in n.output}
+    consumers = {}
+    for n in graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    return producer, consumers
+
+
+def _graph_outputs(graph):
+    return {o.name for o in graph.output}
+
+
+def _replace_node(graph, old, new_nodes):
+    """Replaces ``old`` by ``new_nodes`` at its position (keeps topological order)."""
+    position = list(graph.node).index(old)
+    graph.node.remove(old)
+    for offset, node in enumerate(new_nodes):
+        graph.node.insert(position + offset, node)
+
+
+def push_transposes_through_split(proto):
+    """``Transpose(perm) -> Split(axis)`` to ``Split(perm[axis]) -> Transpose(perm)``."""
+    import onnx
+
+    graph = proto.graph
+    producer, consumers = _index(graph)
+    outputs = _graph_outputs(graph)
+    for split in [n for n in graph.node if n.op_type == "Split"]:
+        transpose = producer.get(split.input[0])
+        if (transpose is None or transpose.op_type != "Transpose"
+                or len(consumers[transpose.output[0]]) != 1
+                or transpose.output[0] in outputs):
+            continue
+        perm = list(_attr(transpose, "perm"))
+        axis = _attr(split, "axis", 0) % len(perm)
+        new_split = onnx.helper.make_node(
+            "Split", [transpose.input[0], *split.input[1:]],
+            [f"{out}__pre_transpose" for out in split.output], name=split.name,
+            axis=perm[axis], **{a.name: onnx.helper.get_attribute_value(a)
+                                for a in split.attribute if a.name != "axis"})
+        transposes = [onnx.helper.make_node("Transpose", [pre], [out], perm=perm,
+                                            name=f"{out}__transpose")
+                      for pre, out in zip(new_split.output, split.output, strict=True)]
+        graph.node.remove(transpose)
+        _replace_node(graph, split, [new_split, *transposes])
+    return proto
+
+
+def split_channel_convs(proto):
+    """``Conv(W, b) -> Split(axis=1)`` (constant W, b, sizes) to one Conv per part."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    producer, consumers = _index(graph)
+    outputs = _graph_outputs(graph)
+    for split in [n for n in graph.node if n.op_type == "Split"]:
+        conv = producer.get(split.input[0])
+        if (conv is None or conv.op_type != "Conv" or _attr(split, "axis", 0) != 1
+                or len(consumers[conv.output[0]]) != 1 or conv.output[0] in outputs
+                or _attr(conv, "group", 1) != 1 or conv.input[1] not in initializers
+                or (len(conv.input) > 2 and conv.input[2] not in initializers)):
+            continue
+        kernel = numpy_helper.to_array(initializers[conv.input[1]])
+        bias = (numpy_helper.to_array(initializers[conv.input[2]]) if len(conv.input) > 2
+                else np.zeros(kernel.shape[0], kernel.dtype))
+        if len(split.input) > 1 and split.input[1]:
+            if split.input[1] not in initializers:
+                continue
+            sizes = numpy_helper.to_array(initializers[split.input[1]]).tolist()
+        elif kernel.shape[0] % len(split.output) == 0:
+            sizes = [kernel.shape[0] // len(split.output)] * len(split.output)
+        else:
+            continue
+        new_nodes, start = [], 0
+        for out, size in zip(split.output, sizes, strict=True):
+            w_name, b_name = f"{out}__kernel", f"{out}__bias"
+            graph.initializer.extend([
+                numpy_helper.from_array(kernel[start:start + size], w_name),
+                numpy_helper.from_array(bias[start:start + size], b_name)])
+            new_nodes.append(onnx.helper.make_node(
+                "Conv", [conv.input[0], w_name, b_name], [out], name=f"{out}__conv",
+                **{a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute}))
+            start += size
+        graph.node.remove(conv)
+        _replace_node(graph, split, new_nodes)
+    used = {name for n in graph.node for name in n.input}
+    for tensor in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(tensor)
+    return proto
+
+
+def simplify(proto):
+    """Runs both passes, then tf2onnx's graph optimizers (transpose cancelling etc.)."""
+    from tf2onnx.graph import GraphUtil
+
+    proto = push_transposes_through_split(proto)
+    proto = split_channel_convs(proto)
+    metadata = [(p.key, p.value) for p in proto.metadata_props]
+    producer, doc = proto.producer_name, proto.doc_string
+    proto = GraphUtil.optimize_model_proto(proto)
+    proto.producer_name, proto.doc_string = producer, doc
+    del proto.metadata_props[:]
+    for key, value in metadata:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    return proto
