@@ -7,18 +7,16 @@ this process, run by run, alternating which goes first. The straightforward one,
 is Algorithm 1 exactly as written, one vector at a time: ``A @ v`` products, the CG
 gradient recomputed as ``Q y - b`` at every inner iteration, ``b = U^T r`` formed, and
 F(x_k) computed by a function of its own. The optimised one is
-``keras_newton.design.solvers.solve``: ``A x_k`` shared by the stopping test and the step,
-the CG gradient updated by recurrence, ``g_0`` in one product, no unused last product, and
-BLAS ``dsymv`` (one triangle of A: half the memory traffic of ``A @ v``). Per iteration
-that is 2N + 1 products instead of 4N + 5 (Newton-CG) and m + 1 instead of m + 2
-(quasi-Newton). The benchmark fails (exit 1) unless both give the same iteration counts.
+``keras_newton.design.solvers.solve_lockstep``: ``A x_k`` shared by the stopping test and
+the step, the CG gradient updated by recurrence, ``g_0`` in one product, no unused last
+product (2N + 1 products per Newton-CG iteration instead of 4N + 5, m + 1 instead of m + 2
+per quasi-Newton iteration), BLAS ``dsymv`` (one triangle of A: half the memory traffic of
+``A @ v``), and the eight settings of a run advanced in lock-step, their products in one
+GEMM pass over A while ``BATCH_MIN`` or more settings are running. The benchmark fails
+(exit 1) unless both give the same iteration counts in every run and setting.
 
-Advancing all settings at once as columns of a matrix (GEMM instead of GEMV) does not pay
-here: on this 2-core machine ``A @ V`` for 2-8 columns costs as much as that many
-``dsymv`` calls (OpenBLAS packs A for every GEMM, and a column of GEMM does the flops
-that ``dsymv`` does), while N = 3 alone takes half the products in a long sequential
-chain. ``--blas-threads`` (default 1) is set before NumPy loads: on a machine shared with
-other work, multi-threaded OpenBLAS stalls on every call; both sides get the same setting.
+``--blas-threads`` (default 1) is set before NumPy loads: on a machine shared with other
+work, multi-threaded OpenBLAS stalls on every call; both sides get the same setting.
 """
 
 import argparse
@@ -118,8 +116,8 @@ def main(argv=None):
     import numpy as np
 
     from keras_newton.design.experiment import PAPER_SETTINGS, PAPER_TABLE2, setting_label
-    from keras_newton.design.problem import check_instance, random_problem
-    from keras_newton.design.solvers import solve
+    from keras_newton.design.problem import SymmetricOperator, check_instance, random_problem
+    from keras_newton.design.solvers import solve_lockstep
 
     check_instance(args.n, 0.9999)
     eps, max_iter = 1e-20, 1000
@@ -128,15 +126,18 @@ def main(argv=None):
     plain = {key: dict(iterations=[], matvecs=[]) for key in keys}
     seconds = dict(matrix=0.0, fast=0.0, plain=0.0)  # wall clock
     cpu = dict(matrix=0.0, fast=0.0, plain=0.0)  # this process's CPU time
+    passes = [0]  # BLAS calls of the optimised side (a batched round is one)
     load_before = os.getloadavg()[0]
     mismatches = []
 
     def run_fast(A, x0):
-        for key in keys:
-            result = solve(A, x0, *key, eps=eps, max_iter=max_iter)
+        op = SymmetricOperator(A)
+        for key, result in zip(keys, solve_lockstep(op, x0, keys, eps=eps, max_iter=max_iter),
+                               strict=True):
             assert result.converged, key
             fast[key]["iterations"].append(result.iterations)
             fast[key]["matvecs"].append(result.matvecs)
+        passes[0] += op.passes
 
     def run_plain(A, x0):
         for method, setting in keys:
@@ -181,8 +182,9 @@ def main(argv=None):
     total_fast = sum(sum(v["matvecs"]) for v in fast.values())
     total_plain = sum(sum(v["matvecs"]) for v in plain.values())
     wall = seconds["matrix"] + seconds["fast"]
-    print(f"matrix-vector products: optimised {total_fast}, straightforward {total_plain} "
-          f"({total_plain / total_fast:.2f}x)")
+    print(f"products with A: optimised {total_fast}, straightforward {total_plain} "
+          f"({total_plain / total_fast:.2f}x); passes over A (BLAS calls): optimised "
+          f"{passes[0]}, straightforward {total_plain} ({total_plain / passes[0]:.2f}x)")
     print(f"matrix generation (shared): {seconds['matrix']:.2f} s wall, {cpu['matrix']:.2f} s CPU")
     print(f"solvers, wall: optimised {seconds['fast']:.2f} s, straightforward "
           f"{seconds['plain']:.2f} s, ratio {seconds['plain'] / seconds['fast']:.2f}x "

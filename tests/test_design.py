@@ -17,6 +17,7 @@ from keras_newton.design.experiment import (
     save_json,
 )
 from keras_newton.design.problem import (
+    BATCH_MIN,
     SymmetricOperator,
     gradient,
     hessian_vector,
@@ -26,11 +27,13 @@ from keras_newton.design.problem import (
 from keras_newton.design.solvers import (
     METHODS,
     QuasiNewton,
+    drive,
     exact_line_search,
     lbfgs_direction,
     make_solver,
     newton_cg_direction,
     solve,
+    solve_lockstep,
 )
 
 
@@ -82,7 +85,20 @@ def test_symmetric_operator_matches_matmul_and_counts(rng):
     op = SymmetricOperator(A)
     np.testing.assert_allclose(op @ x, A @ x, rtol=1e-13, atol=1e-15)
     op @ x
-    assert op.matvecs == 2
+    assert op.matvecs == 2 and op.passes == 2
+
+
+@pytest.mark.parametrize("k", [1, BATCH_MIN - 1, BATCH_MIN, 2 * BATCH_MIN])
+def test_symmetric_operator_products_in_one_pass_when_batched(rng, k):
+    A, _ = random_problem(30, 0.5, rng)
+    vectors = list(rng.standard_normal((k, 30)))
+    op = SymmetricOperator(A)
+    products = op.products(vectors)
+    assert len(products) == k
+    for v, Av in zip(vectors, products, strict=True):
+        np.testing.assert_allclose(Av, A @ v, rtol=1e-12, atol=1e-14)
+    assert op.matvecs == k
+    assert op.passes == (1 if k >= BATCH_MIN else k)
 
 
 @pytest.mark.parametrize("n", [50, 300])  # dense eigenvalues, and Lanczos
@@ -106,7 +122,7 @@ def test_quasi_newton_step_is_relu_of_DA_to_the_m_plus_1(rng, m):
     z = A @ x
     DA = (z > 0)[:, None] * A
     expected = np.maximum(np.linalg.matrix_power(DA, m + 1) @ x, 0)
-    step = QuasiNewton(m).step(SymmetricOperator(A), x, z)
+    step = drive(QuasiNewton(m).step(x, z), SymmetricOperator(A))
     np.testing.assert_allclose(step, expected, rtol=1e-12, atol=1e-13)
     if m == 0:
         np.testing.assert_allclose(step, np.maximum(A @ x, 0), rtol=1e-14)
@@ -127,7 +143,7 @@ def test_newton_cg_direction_is_algorithm_1_as_written(rng, N, zero_start):
         g = Q @ y - b  # recomputed, not by recurrence
         beta = (g @ Q @ d) / (d @ Q @ d)
         d = -g + beta * d
-    got = newton_cg_direction(SymmetricOperator(A), x, A @ x, N, zero_start=zero_start)
+    got = drive(newton_cg_direction(x, A @ x, N, zero_start=zero_start), SymmetricOperator(A))
     np.testing.assert_allclose(got, y, rtol=1e-8, atol=1e-10 * np.abs(y).max())
 
 
@@ -136,7 +152,7 @@ def test_newton_cg_with_N_equal_n_is_exact_newton(rng):
     A, x = well_conditioned(n, rng)
     U, r = U_and_r(A, x)
     newton = np.linalg.solve(U, r)  # eq. (10)-(11) by a direct solve
-    y = newton_cg_direction(SymmetricOperator(A), x, A @ x, N=n)
+    y = drive(newton_cg_direction(x, A @ x, N=n), A)
     np.testing.assert_allclose(y, newton, rtol=1e-8, atol=1e-10)
     # F is positively homogeneous of degree 2, so r = -U x and the Newton point is 0:
     np.testing.assert_allclose(newton, -x, rtol=1e-10, atol=1e-12)
@@ -220,6 +236,25 @@ def test_matvec_counts(rng, method, setting, per_iteration):
     A, x0 = random_problem(40, 0.99, rng)
     result = solve(A, x0, method, setting)
     assert result.matvecs == per_iteration * result.iterations + 1  # + the last A x_k
+
+
+def test_lockstep_is_each_setting_on_its_own(rng):
+    # ALL_SETTINGS has more than BATCH_MIN settings: the first rounds take one GEMM each
+    A, x0 = well_conditioned(30, rng)
+    op = SymmetricOperator(A)
+    together = solve_lockstep(op, x0, ALL_SETTINGS, max_iter=300)
+    for (method, setting), result in zip(ALL_SETTINGS, together, strict=True):
+        alone = solve(A, x0, method, setting, max_iter=300)
+        assert result.converged and result.iterations == alone.iterations
+        assert result.matvecs == alone.matvecs
+        np.testing.assert_allclose(result.history, alone.history, rtol=1e-6, atol=1e-30)
+        np.testing.assert_allclose(result.x, alone.x, rtol=1e-6, atol=1e-30)
+    # one round per product of the longest setting: a pass over A if batched, else one each
+    counts = [r.matvecs for r in together]
+    active = [sum(c > j for c in counts) for j in range(max(counts))]
+    assert active[0] == len(ALL_SETTINGS) >= BATCH_MIN
+    assert op.passes == sum(1 if k >= BATCH_MIN else k for k in active)
+    assert op.matvecs == sum(counts)
 
 
 def test_non_convergence_is_reported():
@@ -339,6 +374,8 @@ def test_bad_stopping_rule_and_seed():
         solve(A, x0, "newton-cg", 2, eps=0.0)
     with raises("max_iter", 0):
         solve(A, x0, "newton-cg", 2, max_iter=0)
+    with raises("settings", []):
+        solve_lockstep(A, x0, [])
     with raises("seed", -1):
         run_table2(seed=-1)
 

@@ -60,7 +60,8 @@ def source_key(path):
     return "sha256-" + file_sha256(path)
 
 
-def _check_source(path):
+def check_source(path):
+    """Returns ``path`` as a Path if it is a folder or a supported archive, else ValueError."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ValueError(f"The data source does not exist. Received: data={str(path)!r}")
@@ -147,7 +148,7 @@ def decode_source(path, image_size=None):
         ``(splits, class_names)``: ``splits`` maps a split name to ``(images, labels)``,
         uint8 ``(n, h, w, 3)`` and int32 ``(n,)``; labels index the sorted class names.
     """
-    path = _check_source(path)
+    path = check_source(path)
     display = str(path)
     images, keys = [], []
     try:
@@ -234,7 +235,7 @@ def load_image_source(path, image_size=None, cache_dir=None):
     >>> splits["train"][0].shape
     (50000, 32, 32, 3)
     """
-    path = _check_source(path)
+    path = check_source(path)
     cache_dir = Path(cache_dir) if cache_dir else keras_newton_home() / "datasets"
     entry = cache_dir / source_key(path)
     if (entry / "meta.json").exists():

@@ -71,11 +71,15 @@ def channel_stats(images, chunk=4096):
 
 
 def normalization(mode, train_images=None):
-    """Returns ``{"mode", "mean", "std"}`` (pixel units) for ``"meanstd"`` or ``"scale"``."""
+    """Returns ``{"mode", "mean", "std"}`` (pixel units) for ``"meanstd"`` or ``"scale"``.
+
+    A std below 1 (a constant channel) is raised to 1, so it never divides by zero.
+    """
     if mode == "scale":
         return {"mode": "scale", "mean": [0.0, 0.0, 0.0], "std": [255.0, 255.0, 255.0]}
     if mode == "meanstd":
         mean, std = channel_stats(train_images)
+        std = np.maximum(std, 1.0)
         return {"mode": "meanstd", "mean": mean.round(4).tolist(), "std": std.round(4).tolist()}
     raise ValueError(f"`mode` must be 'meanstd' or 'scale'. Received: mode={mode!r}")
 

@@ -3,7 +3,8 @@
 n = 2048, A = gamma C^T C / ||C^T C||_2 with gamma = 0.9999, C and x_0 i.i.d. N(0, 1); stop
 when |F(x_k) - F(0)| < 1e-20; the median number of iterations over 10 runs. Run ``r`` of
 seed ``s`` draws its instance from ``numpy.random.default_rng([s, r])``; every setting of a
-run solves the same instance.
+run solves the same instance, all settings together in lock-step
+(:func:`~keras_newton.design.solvers.solve_lockstep`: their products with A batched).
 """
 
 import json
@@ -12,8 +13,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from keras_newton.design.problem import check_instance, check_param, is_int, random_problem
-from keras_newton.design.solvers import METHODS, check_stopping, make_solver, solve
+from keras_newton.design.problem import (
+    SymmetricOperator,
+    check_instance,
+    check_param,
+    is_int,
+    random_problem,
+)
+from keras_newton.design.solvers import METHODS, check_stopping, make_solver, solve_lockstep
 
 # (method, setting) -> median iterations reported in the paper's Table 2.
 PAPER_TABLE2 = {
@@ -52,7 +59,7 @@ class SettingResult:
 
     Attributes:
         method, setting: as for :func:`~keras_newton.design.solvers.solve`.
-        iterations, converged, matvecs, seconds: one entry per run.
+        iterations, converged, matvecs: one entry per run.
         history: ``|F(x_k) - F(0)|`` along the first run.
     """
 
@@ -61,7 +68,6 @@ class SettingResult:
     iterations: list = field(default_factory=list)
     converged: list = field(default_factory=list)
     matvecs: list = field(default_factory=list)
-    seconds: list = field(default_factory=list)
     history: list = field(default_factory=list, repr=False)
 
     @property
@@ -89,12 +95,14 @@ class SettingResult:
 
 @dataclass
 class Table2:
-    """The result of :func:`run_table2`: its configuration, rows and timings."""
+    """The result of :func:`run_table2`: its configuration, rows, timings and BLAS calls
+    (``passes`` over A: products batched in lock-step take one pass)."""
 
     config: dict
     rows: list
     matrix_seconds: float = 0.0
     solve_seconds: float = 0.0
+    passes: int = 0
 
 
 def check_settings(settings):
@@ -134,16 +142,18 @@ def run_table2(runs=10, n=2048, gamma=0.9999, seed=0, eps=1e-20, max_iter=1000,
         start = time.perf_counter()
         A, x0 = random_problem(n, gamma, np.random.default_rng([seed, run]))
         table.matrix_seconds += time.perf_counter() - start
-        for row in rows:
-            start = time.perf_counter()
-            result = solve(A, x0, row.method, row.setting, eps=eps, max_iter=max_iter)
-            row.seconds.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        op = SymmetricOperator(A)
+        results = solve_lockstep(op, x0, [(row.method, row.setting) for row in rows], eps=eps,
+                                 max_iter=max_iter)
+        table.solve_seconds += time.perf_counter() - start
+        table.passes += op.passes
+        for row, result in zip(rows, results, strict=True):
             row.iterations.append(result.iterations)
             row.converged.append(result.converged)
             row.matvecs.append(result.matvecs)
             if run == 0:
                 row.history = result.history
-        table.solve_seconds += sum(row.seconds[-1] for row in rows)
         if progress is not None:
             counts = " ".join(
                 f"{r.iterations[-1]}{'' if r.converged[-1] else '(failed)'}" for r in rows
@@ -177,8 +187,8 @@ def format_table(table):
              f"cap {cfg['max_iter']})")
     rule = "-" * len(fmt.format(*head))
     body = [fmt.format(*r) for r in lines]
-    timing = (f"matrix generation {table.matrix_seconds:.1f} s, "
-              f"solvers {table.solve_seconds:.1f} s")
+    timing = (f"matrix generation {table.matrix_seconds:.1f} s, solvers "
+              f"{table.solve_seconds:.1f} s ({table.passes} passes over A, products in lock-step)")
     return "\n".join([title, rule, fmt.format(*head), rule, *body, rule, timing])
 
 
@@ -197,11 +207,10 @@ def to_dict(table):
             iterations=row.iterations,
             converged=row.converged,
             matvecs=row.matvecs,
-            seconds=row.seconds,
             history_run0=row.history,
         ))
     return dict(config=table.config, matrix_seconds=table.matrix_seconds,
-                solve_seconds=table.solve_seconds, rows=rows)
+                solve_seconds=table.solve_seconds, passes=table.passes, rows=rows)
 
 
 def save_json(table, path):

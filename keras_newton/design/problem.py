@@ -66,15 +66,25 @@ def hessian_vector(A, x, v):
     return Av - A @ np.where(A @ x > 0, Av, 0.0)
 
 
-class SymmetricOperator:
-    """The product ``v -> A v`` for a symmetric ``A``, counting the products.
+# Products with A that one GEMM computes at once, at least: below this, one dsymv each. OpenBLAS
+# packs all of A (32 MB at n = 2048) for every GEMM, so on the 2-core development machine
+# ``V^T A`` costs about 4 ms for 2-8 vectors against 0.7 ms for one dsymv (one BLAS thread,
+# CPU time; docs/newton_design.md, "Speed").
+BATCH_MIN = 6
 
-    Uses BLAS ``dsymv``, which reads one triangle of ``A`` (so ``A`` must be symmetric): half
-    the memory traffic of ``A @ v``, and the products are memory-bound at n = 2048.
+
+class SymmetricOperator:
+    """The products ``v -> A v`` for a symmetric ``A``, counting them.
+
+    One vector: BLAS ``dsymv``, which reads one triangle of ``A`` (so ``A`` must be
+    symmetric): half the memory traffic of ``A @ v``, and the products are memory-bound at
+    n = 2048. Several vectors at once (:meth:`products`): one GEMM pass over ``A`` for
+    :data:`BATCH_MIN` or more of them, else dsymv for each.
 
     Attributes:
         matrix: ``A`` as a float64 array.
         matvecs: the number of products computed so far.
+        passes: the number of BLAS calls (passes over ``A``) they took.
     """
 
     def __init__(self, matrix):
@@ -85,10 +95,20 @@ class SymmetricOperator:
         # A is symmetric, so its transpose is A itself: a Fortran-ordered view, no copy.
         self._fortran = A.T if A.flags.c_contiguous else np.asfortranarray(A)
         self.matvecs = 0
+        self.passes = 0
 
     def __matmul__(self, v):
         self.matvecs += 1
+        self.passes += 1
         return blas.dsymv(1.0, self._fortran, v)
+
+    def products(self, vectors):
+        """``[A v for v in vectors]``, in one pass over ``A`` if there are enough vectors."""
+        if len(vectors) < BATCH_MIN:
+            return [self @ v for v in vectors]
+        self.matvecs += len(vectors)
+        self.passes += 1
+        return list(np.stack(vectors) @ self.matrix)  # row i: v_i^T A = (A v_i)^T
 
 
 def check_instance(n, gamma):

@@ -1,9 +1,20 @@
 """Solvers for problem (3): the paper's quasi-Newton and Newton-CG methods, and more.
 
-Every solver is a class with a ``step(op, x, z) -> x_next`` method, where ``op`` is a
-:class:`~keras_newton.design.problem.SymmetricOperator` for ``A`` (it counts the products)
-and ``z = A x`` is supplied by :func:`solve`, which computes it once per iteration for both
-the stopping test and the step. ``D = Diag[ReLU'(A x_k)]`` is the mask ``z > 0``.
+Every solver is a class whose ``step(x, z)`` computes ``x_{k+1}`` from ``x_k`` and
+``z = A x_k`` as a generator: whenever it needs a product with A it yields the vector ``v``
+and is sent ``A v`` back (``Av = yield v``). The solvers never touch A, so whoever runs them
+decides how the products are computed (:func:`drive` runs one step with any ``op @ v``).
+``D = Diag[ReLU'(A x_k)]`` is the mask ``z > 0``.
+
+Lock-step batching. :func:`solve_lockstep` runs several settings on one instance together
+(the eight settings of a run of Table 2 share A and x_0): every unfinished setting waits for
+exactly one product at a time, so each round gathers the vectors they wait for, computes all
+the products together (:meth:`~keras_newton.design.problem.SymmetricOperator.products`: one
+GEMM pass over A for ``BATCH_MIN`` or more vectors, else dsymv for each) and sends each
+setting its own. The rounds number the longest setting's products, not the sum; each
+setting does the arithmetic of a run on its own, up to the rounding of the products.
+:func:`solve` is the same with one setting (dsymv only). :func:`iterate` is the outer loop
+shared by both: ``A x_k`` serves both the stopping test and the next step.
 
 Paper (Section 3):
     QuasiNewton    eqs. (15), (8); m = 0 is the PlainNet iteration (16) = (2).
@@ -43,26 +54,26 @@ class QuasiNewton:
     def __init__(self, m):
         self.m = m
 
-    def step(self, op, x, z):
+    def step(self, x, z):
         active = z > 0
         r = np.where(active, z, 0.0) - x  # ReLU(A x_k) - x_k = -A^{-1} grad F(x_k)
         term, total = r, r.copy()
         for _ in range(self.m):
-            term = np.where(active, op @ term, 0.0)  # (D A)^n r
+            term = np.where(active, (yield term), 0.0)  # (D A)^n r
             total += term
         return project(x + total)
 
 
-def newton_cg_direction(op, x, z, N, zero_start=False):
+def newton_cg_direction(x, z, N, zero_start=False):
     """Algorithm 1: N CG iterations on problem (14), approximating ``y = U^{-1} r`` (11).
 
     ``U = I - D A``, ``r = ReLU(A x_k) - x_k``, ``Q = U^T U``, ``b = U^T r``. alpha_t and beta_t
     are Algorithm 1's exact formulas; the gradient ``g_{t+1} = Q y_{t+1} - b`` (line 7) is
     updated by the recurrence ``g_{t+1} = g_t + alpha_t Q d_t`` (equal in exact arithmetic),
-    and ``d^T Q d = ||U d||^2``. Costs 2N products with A.
+    and ``d^T Q d = ||U d||^2``. A generator (see the module docstring) that costs 2N
+    products with A.
 
     Args:
-        op: the operator ``v -> A v``.
         x: x_k.
         z: ``A x_k``.
         N: the number of CG iterations, >= 1.
@@ -74,20 +85,20 @@ def newton_cg_direction(op, x, z, N, zero_start=False):
     active = z > 0
 
     def U(v):  # (I - D A) v
-        return v - np.where(active, op @ v, 0.0)
+        return v - np.where(active, (yield v), 0.0)
 
     def Ut(w):  # (I - A D) w
-        return w - op @ np.where(active, w, 0.0)
+        return w - (yield np.where(active, w, 0.0))
 
     r = np.where(active, z, 0.0) - x
     if zero_start:
         y, Uy = np.zeros_like(x), np.zeros_like(x)
     else:
         y, Uy = x.copy(), x - np.where(active, z, 0.0)  # y_0 = x_k; U x_k = x_k - D z is free
-    g = Ut(Uy - r)  # line 2: g_0 = Q y_0 - b = U^T (U y_0 - r)
+    g = yield from Ut(Uy - r)  # line 2: g_0 = Q y_0 - b = U^T (U y_0 - r)
     d = -g  # line 3
     for t in range(N):  # line 4
-        Ud = U(d)
+        Ud = yield from U(d)
         dQd = Ud @ Ud
         if dQd == 0.0:  # g_t = 0: y_t already solves (14)
             break
@@ -95,7 +106,7 @@ def newton_cg_direction(op, x, z, N, zero_start=False):
         y += alpha * d  # line 6
         if t == N - 1:  # g_N and d_N are never used
             break
-        Qd = Ut(Ud)
+        Qd = yield from Ut(Ud)
         g += alpha * Qd  # line 7
         beta = (g @ Qd) / dQd  # line 8
         d = -g + beta * d  # line 9
@@ -115,8 +126,9 @@ class NewtonCG:
         self.N = N
         self.zero_start = zero_start
 
-    def step(self, op, x, z):
-        return project(x + newton_cg_direction(op, x, z, self.N, self.zero_start))
+    def step(self, x, z):
+        y = yield from newton_cg_direction(x, z, self.N, self.zero_start)
+        return project(x + y)
 
 
 def exact_line_search(p, z, Ap, max_iter=50):
@@ -160,9 +172,10 @@ class DampedNewtonCG:
     def __init__(self, N):
         self.N = N
 
-    def step(self, op, x, z):
-        p = newton_cg_direction(op, x, z, self.N)
-        return project(x + exact_line_search(p, z, op @ p) * p)
+    def step(self, x, z):
+        p = yield from newton_cg_direction(x, z, self.N)
+        Ap = yield p
+        return project(x + exact_line_search(p, z, Ap) * p)
 
 
 def lbfgs_direction(g, u, pairs):
@@ -200,9 +213,9 @@ class LBFGS:
         self.pairs = deque(maxlen=memory)  # (s, y, A^{-1} y, 1 / y^T s), oldest first
         self.previous = None
 
-    def step(self, op, x, z):
+    def step(self, x, z):
         u = x - relu(z)  # A^{-1} grad F(x_k)
-        g = op @ u  # grad F(x_k), eq. (4)
+        g = yield u  # grad F(x_k) = A u, eq. (4)
         if self.previous is not None:
             x_old, u_old, g_old = self.previous
             s, y = x - x_old, g - g_old
@@ -257,8 +270,86 @@ class SolveResult:
     x: np.ndarray = field(repr=False)
 
 
+def drive(generator, op):
+    """Runs a generator of this module to its end, answering each yielded ``v`` with ``op @ v``.
+
+    For example ``drive(QuasiNewton(1).step(x, A @ x), A)`` is one quasi-Newton step.
+
+    Returns:
+        The generator's return value.
+    """
+    try:
+        v = next(generator)
+        while True:
+            v = generator.send(op @ v)
+    except StopIteration as stop:
+        return stop.value
+
+
+def iterate(solver, x0, eps, max_iter):
+    """The outer loop of :func:`solve` as a generator: x0, x1, ... until the stopping test.
+
+    Yields x0 first (for ``A x0``), then whatever ``solver.step`` yields, then x_{k+1}: the
+    product ``A x_{k+1}`` serves both the stopping test and the next step.
+
+    Returns:
+        ``(history, x_k)``, history being ``|F(x_j) - F(0)|`` for j = 0..k.
+    """
+    x = x0
+    z = yield x
+    history = [abs(objective_from(x, z))]
+    while history[-1] >= eps and len(history) <= max_iter:
+        x = yield from solver.step(x, z)
+        z = yield x  # for the stopping test and for the next step
+        history.append(abs(objective_from(x, z)))
+    return history, x
+
+
+def solve_lockstep(A, x0, settings, eps=1e-20, max_iter=1000):
+    """Runs each (method, setting) from x0 as :func:`solve` does, all together in lock-step.
+
+    Each round computes, in one :meth:`SymmetricOperator.products` call, the one product
+    with A that every unfinished setting is waiting for (see the module docstring).
+
+    Args:
+        A: the symmetric matrix of problem (3), or a :class:`SymmetricOperator` for it (whose
+            counters then show the products and the passes over A).
+        x0: the initial point (it need not be >= 0).
+        settings: (method, setting) pairs, e.g. ``[("newton-cg", 3), ("quasi-newton", 0)]``.
+        eps: the tolerance, > 0.
+        max_iter: the cap on k, >= 1.
+
+    Returns:
+        A list of :class:`SolveResult`, one per setting, in order.
+    """
+    settings = list(settings)
+    check_param("settings", settings, len(settings) > 0, "a non-empty list of (method, setting)")
+    solvers = [make_solver(method, setting) for method, setting in settings]
+    check_stopping(eps, max_iter)
+    op = A if isinstance(A, SymmetricOperator) else SymmetricOperator(A)
+    x = np.asarray(x0, dtype=np.float64)
+    check_param("x0.shape", x.shape, x.shape == (len(op.matrix),), f"({len(op.matrix)},)")
+    runs = [iterate(solver, x, eps, max_iter) for solver in solvers]
+    waiting = {i: next(run) for i, run in enumerate(runs)}  # setting -> v it needs A v for
+    matvecs = [0] * len(runs)
+    results = [None] * len(runs)
+    while waiting:
+        for i, Av in zip(list(waiting), op.products(list(waiting.values())), strict=True):
+            matvecs[i] += 1
+            try:
+                waiting[i] = runs[i].send(Av)
+            except StopIteration as stop:
+                history, x_last = stop.value
+                results[i] = SolveResult(len(history) - 1, history[-1] < eps, matvecs[i],
+                                         history, x_last)
+                del waiting[i]
+    return results
+
+
 def solve(A, x0, method, setting, eps=1e-20, max_iter=1000):
     """Runs a solver from x0 until ``|F(x_k) - F(0)| < eps`` (F(0) = 0) or k = max_iter.
+
+    One product with A at a time (BLAS ``dsymv``).
 
     Args:
         A: the symmetric matrix of problem (3).
@@ -271,15 +362,4 @@ def solve(A, x0, method, setting, eps=1e-20, max_iter=1000):
     Returns:
         A :class:`SolveResult`.
     """
-    solver = make_solver(method, setting)
-    check_stopping(eps, max_iter)
-    op = SymmetricOperator(A)
-    x = np.asarray(x0, dtype=np.float64)
-    check_param("x0.shape", x.shape, x.shape == (len(op.matrix),), f"({len(op.matrix)},)")
-    z = op @ x
-    history = [abs(objective_from(x, z))]
-    while history[-1] >= eps and len(history) <= max_iter:
-        x = solver.step(op, x, z)
-        z = op @ x  # for the stopping test and for the next step
-        history.append(abs(objective_from(x, z)))
-    return SolveResult(len(history) - 1, history[-1] < eps, op.matvecs, history, x)
+    return solve_lockstep(A, x0, [(method, setting)], eps=eps, max_iter=max_iter)[0]
