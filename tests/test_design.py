@@ -292,6 +292,8 @@ def test_run_table2_small(tmp_path):
     assert "Paper" in text and "157" in text and "14.5" in text
     save_json(table, tmp_path / "t.json")
     data = json.loads((tmp_path / "t.json").read_text())
+    assert data["passes"] == table.passes > 0  # lock-step: fewer than the products
+    assert table.passes < sum(sum(row.matvecs) for row in table.rows)
     assert data["rows"][3]["setting"] == "N=3" and data["rows"][3]["paper"] == 157
     assert data["rows"][-1]["paper"] is None
 

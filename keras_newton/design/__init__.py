@@ -25,6 +25,8 @@ Beyond the paper (its conclusion names damped Newton and BFGS-type updates as fu
   the last M blocks' inputs and outputs (dense connections); not unrolled here.
 
 Modules: ``problem`` (F, gradient (4), Hessian-vector product (6), projection, random
-instances), ``solvers`` (the solvers and ``solve``), ``experiment`` (Section 3.3, Table 2,
-JSON, plot), ``cli`` (``keras-newton table2``). Measured results: docs/newton_design.md.
+instances, the products with A), ``solvers`` (the solvers, ``solve``, and ``solve_lockstep``,
+which advances several settings on one instance together, batching their products with A),
+``experiment`` (Section 3.3, Table 2, JSON, plot), ``cli`` (``keras-newton table2``).
+Measured results: docs/newton_design.md.
 """

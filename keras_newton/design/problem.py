@@ -68,9 +68,9 @@ def hessian_vector(A, x, v):
 
 # Products with A that one GEMM computes at once, at least: below this, one dsymv each. OpenBLAS
 # packs all of A (32 MB at n = 2048) for every GEMM, so on the 2-core development machine
-# ``V^T A`` costs about 4 ms for 2-8 vectors against 0.7 ms for one dsymv (one BLAS thread,
-# CPU time; docs/newton_design.md, "Speed").
-BATCH_MIN = 6
+# ``V^T A`` costs 4-5.5 ms for 2-8 vectors against 0.7-0.8 ms for one dsymv (one BLAS
+# thread, CPU time; docs/newton_design.md, "Speed").
+BATCH_MIN = 7
 
 
 class SymmetricOperator:
