@@ -1,0 +1,109 @@
+"""``keras-newton train``: train a model with the paper's recipe (resumable, distributed).
+
+Also runs standalone: ``python -m keras_newton.training.cli --model ... --dataset ...``.
+"""
+
+import argparse
+import shlex
+import sys
+
+HELP = ("Train a Newton-CGNet or baseline on CIFAR-10/100, SVHN or your own images with the "
+        "paper's recipe; rerun the same command to resume an interrupted run.")
+
+_RECIPE_FLAGS = (
+    # flag, recipe key, type, help
+    ("--epochs", "epochs", int, "training epochs (recipe: 300 CIFAR, 40 SVHN)"),
+    ("--batch-size", "batch_size", int, "global batch size, split across replicas (128)"),
+    ("--lr", "lr", float, "initial learning rate (0.1)"),
+    ("--lr-factor", "lr_factor", float, "learning-rate factor at each milestone (0.1)"),
+    ("--momentum", "momentum", float, "SGD momentum (0.9)"),
+    ("--weight-decay", "weight_decay", float, "L2 weight decay (5e-4 CIFAR, 1e-4 SVHN)"),
+    ("--dropout", "dropout", float,
+     "Newton-CGNet dropout rate (0.2 C10+/C100+, 0.3 SVHN, 0.4 C10/C100)"),
+    ("--val-size", "val_size", int, "held-out validation images (5000 CIFAR, 6000 SVHN)"),
+    ("--train-split", "train_split", str,
+     "split(s) to train on, e.g. train or train+extra (SVHN: train+extra)"),
+)
+
+
+def add_arguments(parser):
+    from keras_newton.training.distribute import DISTRIBUTE_CHOICES
+
+    parser.add_argument("--model", required=True,
+                        help="model name, e.g. newton_cgnet56, resnet110 (see `keras-newton "
+                             "models`)")
+    parser.add_argument("--dataset", required=True,
+                        help="cifar10, cifar100, svhn, or folder (your own images, with --data)")
+    parser.add_argument("--data", default=None,
+                        help="offline source: folder or tar/zip archive of "
+                             "split/<class>/<image> files (decoded once, cached under "
+                             "$KERAS_NEWTON_HOME); without it, tensorflow-datasets")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+                        help="the '+' augmentation: 4-pixel shift and horizontal flip")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default runs/<model>_<dataset>[+])")
+    parser.add_argument("--distribute", default="auto", choices=DISTRIBUTE_CHOICES,
+                        help="auto: MirroredStrategy (TF) / DataParallel (JAX) when several "
+                             "devices; multiworker: MultiWorkerMirroredStrategy from TF_CONFIG")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="use only N training images (and at most N validation images)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the hold-out split, shuffling, augmentation, init (0)")
+    for flag, key, kind, help_text in _RECIPE_FLAGS:
+        parser.add_argument(flag, dest=key, type=kind, default=None, help=help_text)
+    parser.add_argument("--lr-milestones", dest="lr_milestones", type=float, nargs="+",
+                        default=None,
+                        help="fractions of training at which the lr is multiplied by "
+                             "--lr-factor (0.5 0.75)")
+    parser.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
+                        help="Nesterov momentum (on)")
+    parser.add_argument("--no-test", dest="evaluate_test", action="store_false",
+                        help="skip the final test-split evaluation")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete a previous run's files in --out first")
+    parser.add_argument("--verbose", default="auto", type=lambda v: v if v == "auto" else int(v),
+                        help="Keras progress output: auto, 0, 1 (bar), 2 (one line per epoch)")
+
+
+def run(args):
+    from keras_newton.training import LossDivergedError, train
+
+    overrides = {key: getattr(args, key) for _, key, _, _ in _RECIPE_FLAGS}
+    overrides.update(lr_milestones=args.lr_milestones, nesterov=args.nesterov)
+    argv = getattr(args, "argv", None) or sys.argv[1:]
+    command = shlex.join(["keras-newton", *argv])
+    try:
+        summary = train(
+            model=args.model, dataset=args.dataset, data=args.data, out=args.out,
+            augment=args.augment, distribute=args.distribute, limit=args.limit, seed=args.seed,
+            verbose=args.verbose, overwrite=args.overwrite, evaluate_test=args.evaluate_test,
+            command=command, **overrides,
+        )
+    except LossDivergedError as e:
+        print(f"keras-newton train: error: {e}", file=sys.stderr)
+        return 1
+    test = summary["test_accuracy"]
+    print(
+        f"best validation accuracy {summary['best_val_accuracy']:.4f} at epoch "
+        f"{summary['best_epoch']}/{summary['epochs']}"
+        + (f", test accuracy {test:.4f}" if test is not None else "")
+        + f"; {summary['seconds_per_epoch']:.1f} s/epoch"
+    )
+    return 0
+
+
+def main(argv=None):
+    """Runs ``keras-newton train`` with ``argv`` (the arguments after ``train``)."""
+    parser = argparse.ArgumentParser(prog="keras-newton train", description=HELP)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.argv = ["train", *(sys.argv[1:] if argv is None else argv)]
+    try:
+        return run(args)
+    except ValueError as e:
+        print(f"keras-newton train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

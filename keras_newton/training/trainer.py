@@ -1,0 +1,312 @@
+"""``train``: one resumable training run with the paper's recipe."""
+
+import importlib.util
+import inspect
+import json
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import keras
+
+from keras_newton.data import (
+    DATASETS,
+    available_splits,
+    balanced_subset,
+    canonical_dataset,
+    holdout_split,
+    load_dataset,
+    make_dataset,
+    normalization,
+)
+from keras_newton.data.image_folder import check_source, source_key
+from keras_newton.models import MODELS, canonical_name
+from keras_newton.training import callbacks as cb
+from keras_newton.training.distribute import fix_multiworker_build, get_distribution
+from keras_newton.training.recipes import get_recipe
+
+CONFIG_JSON = "config.json"
+PREPROCESSING_JSON = "preprocessing.json"
+SUMMARY_JSON = "summary.json"
+MODEL_KERAS = "model.keras"
+BACKUP_DIR = "backup"
+LOG_DIR = "logs"
+# Everything a run writes in its output folder (what `overwrite=True` removes).
+RUN_FILES = (CONFIG_JSON, PREPROCESSING_JSON, SUMMARY_JSON, MODEL_KERAS, BACKUP_DIR, LOG_DIR,
+             cb.HISTORY_CSV, cb.BEST_WEIGHTS, cb.BEST_JSON, cb.CURVES_PNG, "workers")
+
+
+def compile_for_recipe(model, recipe, steps_per_epoch):
+    """Compiles ``model`` with the recipe's SGD, step schedule, loss and accuracy.
+
+    The learning rate is ``lr`` times ``lr_factor`` for each milestone passed; the
+    milestones are fractions of the ``epochs * steps_per_epoch`` training steps.
+    Weight decay is not added here: it is the builders' ``weight_decay`` (an L2 term).
+    """
+    total = recipe["epochs"] * steps_per_epoch
+    # PiecewiseConstantDecay switches after step b, i.e. from step b + 1 on.
+    boundaries = [int(m * total) - 1 for m in recipe["lr_milestones"]]
+    values = [recipe["lr"] * recipe["lr_factor"] ** i for i in range(len(boundaries) + 1)]
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+    model.compile(
+        optimizer=keras.optimizers.SGD(schedule, momentum=recipe["momentum"],
+                                       nesterov=recipe["nesterov"]),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+    return model
+
+
+def _tensorboard(log_dir):
+    if importlib.util.find_spec("tensorboard") is None:
+        warnings.warn("TensorBoard logs are skipped: the `tensorboard` package is not "
+                      "installed (pip install tensorboard).", stacklevel=3)
+        return []
+    return [keras.callbacks.TensorBoard(str(log_dir))]
+
+
+def default_out(model, dataset, augment):
+    """``runs/<model>_<dataset>[+]``, e.g. ``runs/newton_cgnet56_cifar10+``."""
+    return Path("runs") / f"{model}_{dataset}{'+' if augment else ''}"
+
+
+def _check_out(out, config, overwrite):
+    """Refuses to mix runs in one folder; returns True when resuming a backup."""
+    config_path = out / CONFIG_JSON
+    if overwrite:
+        for name in RUN_FILES:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        return False
+    if not config_path.exists():
+        return False
+    old = json.loads(config_path.read_text())
+    # The source may move; its content (data_key) must not change.
+    changed = sorted(k for k in set(old) | set(config)
+                     if k != "data" and old.get(k) != config.get(k))
+    if changed:
+        raise ValueError(
+            f"The output folder holds a run with other settings ({', '.join(changed)}); use "
+            f"another --out or --overwrite. Received: out={str(out)!r}, "
+            + ", ".join(f"{k}={config.get(k)!r}" for k in changed)
+        )
+    summary = out / SUMMARY_JSON
+    if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
+        raise ValueError(
+            "The output folder holds a completed run of these settings; use another --out "
+            f"or --overwrite to train again. Received: out={str(out)!r}"
+        )
+    return (out / BACKUP_DIR).exists()
+
+
+def _split_data(dataset, data, recipe, limit, seed, cache_dir):
+    source = load_dataset(dataset, data, recipe["train_split"], cache_dir)
+    val_size = recipe["val_size"]
+    if isinstance(val_size, bool) or not isinstance(val_size, int) or not (
+        1 <= val_size < len(source)
+    ):
+        raise ValueError(f"`val_size` must be an int in [1, {len(source)}) (the training "
+                         f"images). Received: val_size={val_size!r}")
+    train_idx, val_idx = holdout_split(source.labels, val_size, seed)
+    if limit is not None:
+        train_idx = balanced_subset(source.labels, train_idx, min(limit, len(train_idx)), seed)
+        val_idx = balanced_subset(source.labels, val_idx, min(val_size, limit), seed)
+    train = (source.images[train_idx], source.labels[train_idx])
+    val = (source.images[val_idx], source.labels[val_idx])
+    return train, val, source.class_names
+
+
+def _test_split(dataset, data, cache_dir):
+    if data is None or "test" in available_splits(dataset, data, cache_dir):
+        return load_dataset(dataset, data, "test", cache_dir)
+    return None
+
+
+def train(
+    model="newton_cgnet56",
+    dataset="cifar10",
+    data=None,
+    out=None,
+    augment=False,
+    distribute="auto",
+    limit=None,
+    seed=0,
+    verbose="auto",
+    overwrite=False,
+    evaluate_test=True,
+    callbacks=(),
+    command=None,
+    cache_dir=None,
+    **overrides,
+):
+    """Trains a registered model on a dataset with the paper's recipe, resumably.
+
+    Rerunning the same call after an interruption resumes at the next epoch with the
+    weights and optimizer state of the last finished one (``BackupAndRestore`` in
+    ``out/backup``); the position inside the interrupted epoch is not restored, that
+    epoch is run again (freshly shuffled). The output folder receives
+    ``config.json``, ``preprocessing.json`` (mean/std, class names), ``history.csv``,
+    ``best.weights.h5`` (lowest validation error), ``best.json``, ``curves.png``,
+    TensorBoard ``logs/``, and at the end ``model.keras`` (best weights) and
+    ``summary.json``. In a multi-worker run only the chief writes there; the other
+    workers write under ``out/workers/worker<i>``.
+
+    Args:
+        model: a name of ``keras_newton.models.MODELS`` (``"newton_cgnet_56"`` works).
+        dataset: a name of ``keras_newton.data.DATASETS``.
+        data: optional local folder or archive (offline; see ``load_dataset``).
+        out: output folder; default ``runs/<model>_<dataset>[+]``.
+        augment: use the "+" augmentation (and the "+" recipe).
+        distribute: ``"auto"``, ``"none"``, ``"mirrored"`` or ``"multiworker"``.
+        limit: use only this many training images (and at most this many validation
+            images), for smoke tests.
+        seed: seed of the hold-out split, shuffling, augmentation and initialisation.
+        verbose: ``fit`` verbosity.
+        overwrite: delete a previous run's files in ``out`` first.
+        evaluate_test: evaluate the best weights on the test split when there is one.
+        callbacks: extra Keras callbacks (after the run's own).
+        command: the command line, recorded in the summary.
+        cache_dir: cache root for local sources.
+        **overrides: recipe values (``lr``, ``batch_size``, ``epochs``,
+            ``weight_decay``, ``dropout``, ``momentum``, ``nesterov``, ``lr_milestones``,
+            ``lr_factor``, ``val_size``, ``train_split``).
+
+    Returns:
+        The run summary (also written to ``out/summary.json``).
+
+    Raises:
+        ValueError: for bad arguments or data.
+        LossDivergedError: when the loss becomes NaN or Inf.
+    """
+    model_name = canonical_name(model)
+    dataset = canonical_dataset(dataset)
+    spec = DATASETS[dataset]
+    builder = MODELS[model_name]
+    has_dropout = "dropout_rate" in inspect.signature(builder).parameters
+    if not has_dropout and overrides.get("dropout") is not None:
+        raise ValueError(f"{model_name} has no dropout layers. "
+                         f"Received: dropout={overrides['dropout']!r}")
+    recipe = get_recipe(dataset, augment, **overrides)
+    if not has_dropout:
+        recipe["dropout"] = None
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"`limit` must be a positive integer. Received: limit={limit!r}")
+
+    if data is not None:
+        data = check_source(data)
+    elif spec["tfds"] is None:
+        raise ValueError(f"Dataset {dataset!r} needs a local folder or archive of "
+                         "split/<class>/<image> files. Received: data=None")
+
+    # First, before any other TensorFlow op (MultiWorkerMirroredStrategy requires it).
+    dist = get_distribution(distribute)
+    if recipe["batch_size"] % dist.num_replicas:
+        raise ValueError(
+            f"`batch_size` (the global batch) must be divisible by the {dist.num_replicas} "
+            f"replicas. Received: batch_size={recipe['batch_size']}"
+        )
+    run_out = Path(out) if out is not None else default_out(model_name, dataset, augment)
+    if not dist.is_chief:
+        run_out = run_out / "workers" / f"worker{dist.worker_index}"
+    config = {
+        "model": model_name, "dataset": dataset,
+        "data": str(data.resolve()) if data is not None else None,
+        "data_key": source_key(data) if data is not None else None,
+        "limit": limit, "seed": seed, **recipe,
+    }
+    resuming = _check_out(run_out, config, overwrite)
+
+    keras.utils.set_random_seed(seed)
+    (x_train, y_train), (x_val, y_val), class_names = _split_data(
+        dataset, data, recipe, limit, seed, cache_dir
+    )
+    steps_per_epoch = len(y_train) // recipe["batch_size"]
+    if steps_per_epoch < 1:
+        raise ValueError(f"`batch_size` is larger than the {len(y_train)} training images. "
+                         f"Received: batch_size={recipe['batch_size']}")
+    preprocessing = {
+        **normalization(spec["normalization"], x_train),
+        "formula": "(x - mean) / std on RGB pixels x in [0, 255], NHWC float32",
+        "image_size": list(x_train.shape[1:3]),
+        "class_names": class_names,
+    }
+    run_out.mkdir(parents=True, exist_ok=True)
+    (run_out / CONFIG_JSON).write_text(json.dumps(config, indent=1))
+    (run_out / PREPROCESSING_JSON).write_text(json.dumps(preprocessing, indent=1))
+
+    mean, std = preprocessing["mean"], preprocessing["std"]
+    batch = recipe["batch_size"]
+    train_ds = make_dataset(x_train, y_train, batch, mean, std, training=True,
+                            augment=recipe["augment"], seed=seed)
+    val_ds = make_dataset(x_val, y_val, batch, mean, std, training=False)
+
+    with dist.scope():
+        kwargs = {"dropout_rate": recipe["dropout"]} if has_dropout else {}
+        net = builder(classes=len(class_names), input_shape=(*x_train.shape[1:3], 3),
+                      weight_decay=recipe["weight_decay"], **kwargs)
+        compile_for_recipe(net, recipe, steps_per_epoch)
+        if dist.kind == "multiworker":
+            fix_multiworker_build(net)
+        title = f"{model_name} on {dataset} ({recipe['recipe']})"
+        run_callbacks = [
+            cb.RunLogger(run_out, monitor="val_accuracy", title=title),
+            keras.callbacks.BackupAndRestore(str(run_out / BACKUP_DIR), double_checkpoint=True),
+            cb.StopOnNaN(
+                hint=f"Try a lower learning rate (Received: lr={recipe['lr']}); the last "
+                     f"finished epoch is backed up in {run_out / BACKUP_DIR} and the best "
+                     f"weights are in {run_out / cb.BEST_WEIGHTS}."
+            ),
+            *_tensorboard(run_out / LOG_DIR),
+            *callbacks,
+        ]
+        if resuming:
+            print(f"Resuming the run in {run_out} from its last finished epoch.")
+        started = time.time()
+        net.fit(train_ds, validation_data=val_ds, epochs=recipe["epochs"],
+                callbacks=run_callbacks, verbose=verbose, shuffle=False)
+
+        rows = cb.read_history(run_out)
+        best = json.loads((run_out / cb.BEST_JSON).read_text())
+        net.load_weights(run_out / cb.BEST_WEIGHTS)
+        test_accuracy = None
+        test = _test_split(dataset, data, cache_dir) if evaluate_test else None
+        if test is not None:
+            test_ds = make_dataset(test.images, test.labels, batch, mean, std, training=False)
+            test_accuracy = float(net.evaluate(test_ds, verbose=0, return_dict=True)["accuracy"])
+        net.save(run_out / MODEL_KERAS)
+
+    seconds = [r["seconds"] for r in rows]
+    summary = {
+        "status": "completed",
+        "model": model_name,
+        "dataset": dataset,
+        "data": config["data"] or f"tfds:{spec['tfds']}",
+        "data_key": config["data_key"],
+        "recipe": recipe,
+        "limit": limit,
+        "seed": seed,
+        "train_images": int(len(y_train)),
+        "val_images": int(len(y_val)),
+        "steps_per_epoch": steps_per_epoch,
+        "preprocessing": preprocessing,
+        "best_val_accuracy": best["value"],
+        "best_epoch": best["epoch"],
+        "test_accuracy": test_accuracy,
+        "epochs": len(rows),
+        "val_accuracy_per_epoch": [r.get("val_accuracy") for r in rows],
+        "seconds_per_epoch": sum(seconds) / len(seconds),
+        "epoch_seconds": seconds,
+        "wall_seconds_this_session": round(time.time() - started, 1),
+        "params": int(net.count_params()),
+        "distribute": dist.kind,
+        "replicas": dist.num_replicas,
+        "backend": keras.backend.backend(),
+        "keras_version": keras.__version__,
+        "command": command,
+    }
+    (run_out / SUMMARY_JSON).write_text(json.dumps(summary, indent=1))
+    return summary

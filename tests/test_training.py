@@ -1,0 +1,225 @@
+"""Training: recipes, the `train` command end to end, resume after a kill, NaN, bad input."""
+
+import importlib.util
+import json
+
+import keras
+import numpy as np
+import pytest
+from test_data import make_image_tree
+
+from keras_newton import cli as main_cli
+from keras_newton.data import channel_stats, holdout_split, load_dataset
+from keras_newton.training import (
+    RECIPES,
+    LossDivergedError,
+    compile_for_recipe,
+    get_recipe,
+    read_history,
+    train,
+)
+from keras_newton.training import cli as train_cli
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """3 classes x 12 training + 2 test images, 32x32; a private cache."""
+    monkeypatch.setenv("KERAS_NEWTON_HOME", str(tmp_path / "home"))
+    make_image_tree(tmp_path / "images", per_class={"train": 12, "test": 2})
+    return tmp_path / "images"
+
+
+def tiny_run(data, out, **kwargs):
+    """30 training images in 3 steps of 8, 6 validation images; one device."""
+    settings = dict(model="newton_cgnet10", dataset="folder", data=data, out=out, epochs=2,
+                    batch_size=8, val_size=6, verbose=0, distribute="none")
+    return {**settings, **kwargs}
+
+
+def test_recipes_are_the_papers():
+    for name in RECIPES:
+        recipe = RECIPES[name]
+        assert recipe["optimizer"] == "sgd" and recipe["momentum"] == 0.9 and recipe["nesterov"]
+        assert recipe["batch_size"] == 128 and recipe["lr"] == 0.1
+        assert recipe["lr_milestones"] == [0.5, 0.75] and recipe["lr_factor"] == 0.1
+    for name in ("C10", "C10+", "C100", "C100+"):
+        assert RECIPES[name]["epochs"] == 300 and RECIPES[name]["weight_decay"] == 5e-4
+        assert RECIPES[name]["val_size"] == 5000
+    assert [RECIPES[n]["dropout"] for n in ("C10+", "C100+", "SVHN", "C10", "C100")] == [
+        0.2, 0.2, 0.3, 0.4, 0.4]
+    assert RECIPES["SVHN"]["epochs"] == 40 and RECIPES["SVHN"]["weight_decay"] == 1e-4
+    assert not RECIPES["SVHN"]["augment"] and RECIPES["C10+"]["augment"]
+
+
+def test_get_recipe_picks_and_overrides():
+    assert get_recipe("cifar10", augment=True)["recipe"] == "C10+"
+    assert get_recipe("cifar100")["dropout"] == 0.4
+    assert get_recipe("svhn")["recipe"] == "SVHN"
+    recipe = get_recipe("cifar10", True, lr=0.05, epochs=5, dropout=None)
+    assert recipe["lr"] == 0.05 and recipe["epochs"] == 5 and recipe["dropout"] == 0.2
+    with pytest.raises(ValueError, match="Received: learning_rate=0.1"):
+        get_recipe("cifar10", learning_rate=0.1)
+    with pytest.raises(ValueError, match="Received: batch_size=0"):
+        get_recipe("cifar10", batch_size=0)
+    with pytest.raises(ValueError, match="Received: dropout=1.0"):
+        get_recipe("cifar10", dropout=1.0)
+
+
+def test_lr_is_divided_by_10_at_50_and_75_percent():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    compile_for_recipe(model, get_recipe("cifar10", epochs=4), steps_per_epoch=10)
+    optimizer = model.optimizer
+    lrs = {}
+    for step in (0, 19, 20, 29, 30, 39):
+        optimizer.iterations.assign(step)
+        lrs[step] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+    np.testing.assert_allclose(list(lrs.values()), [0.1, 0.1, 0.01, 0.01, 0.001, 0.001],
+                               rtol=1e-6)
+    assert optimizer.nesterov and optimizer.momentum == 0.9
+
+
+def test_train_command_end_to_end(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--model", "newton_cgnet_10", "--dataset", "folder", "--data", str(tiny),
+            "--augment", "--epochs", "2", "--batch-size", "8", "--val-size", "6",
+            "--lr", "0.05", "--out", str(out), "--verbose", "0", "--distribute", "none"]
+    assert train_cli.main(argv) == 0
+    assert "best validation accuracy" in capsys.readouterr().out
+    for name in ("config.json", "preprocessing.json", "history.csv", "best.weights.h5",
+                 "best.json", "curves.png", "model.keras", "summary.json"):
+        assert (out / name).exists(), name
+    if importlib.util.find_spec("tensorboard"):  # else skipped with a warning
+        assert any((out / "logs").rglob("events.out.tfevents*"))
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "backup").exists()  # deleted once the run completed
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == "newton_cgnet10" and summary["epochs"] == 2
+    assert summary["recipe"]["lr"] == 0.05 and summary["recipe"]["augment"]
+    assert summary["recipe"]["dropout"] == 0.2 and summary["recipe"]["weight_decay"] == 5e-4
+    assert summary["train_images"] == 30 and summary["val_images"] == 6
+    assert summary["test_accuracy"] is not None  # the source has a test split
+    assert summary["seconds_per_epoch"] > 0
+    assert summary["command"].startswith("keras-newton train --model newton_cgnet_10")
+    assert 0 <= summary["best_val_accuracy"] <= 1
+
+    # mean/std of the training part (hold-out excluded), written beside the weights.
+    source = load_dataset("folder", data=tiny)
+    train_idx, _ = holdout_split(source.labels, 6, seed=0)
+    mean, std = channel_stats(source.images[train_idx])
+    pre = json.loads((out / "preprocessing.json").read_text())
+    np.testing.assert_allclose(pre["mean"], mean, atol=1e-3)
+    np.testing.assert_allclose(pre["std"], std, atol=1e-3)
+    assert pre["class_names"] == ["cat", "dog", "frog"]
+    rows = read_history(out)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert {"accuracy", "loss", "val_accuracy", "val_loss", "lr", "seconds"} <= set(rows[0])
+
+    model = keras.saving.load_model(out / "model.keras")
+    assert model.output_shape == (None, 3)
+
+    # A completed run is not silently retrained; other settings are refused by name.
+    assert train_cli.main(argv) == 2
+    assert "completed run" in capsys.readouterr().err
+    assert train_cli.main([*argv[:-4], "--lr", "0.01", "--verbose", "0"]) == 2
+    assert "Received: out=" in capsys.readouterr().err
+
+
+class Crash(keras.callbacks.Callback):
+    """Simulates a kill right after epoch 1 was backed up."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            self.weights = [w.copy() for w in self.model.get_weights()]
+            raise RuntimeError("killed after epoch 1")
+
+
+class Recorder(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.epochs = []
+
+    def on_train_begin(self, logs=None):
+        self.start_weights = [w.copy() for w in self.model.get_weights()]
+        self.start_iterations = int(self.model.optimizer.iterations.numpy())
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch)
+
+    def on_train_end(self, logs=None):
+        self.iterations = int(self.model.optimizer.iterations.numpy())
+
+
+def test_rerun_resumes_after_a_kill(tiny, tmp_path):
+    out = tmp_path / "run"
+    crash = Crash()
+    with pytest.raises(RuntimeError, match="killed after epoch 1"):
+        train(**tiny_run(tiny, out, epochs=3), callbacks=[crash])
+    first_rows = read_history(out)
+    assert [r["epoch"] for r in first_rows] == [1]
+    assert (out / "backup").exists() and not (out / "summary.json").exists()
+
+    recorder = Recorder()
+    summary = train(**tiny_run(tiny, out, epochs=3), callbacks=[recorder])
+    assert recorder.epochs == [1, 2]  # resumed at epoch 2 (0-based 1)
+    assert recorder.start_iterations == 3  # optimizer state of epoch 1 restored
+    assert recorder.iterations == 9
+    for restored, saved in zip(recorder.start_weights, crash.weights, strict=True):
+        np.testing.assert_array_equal(restored, saved)
+    rows = read_history(out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[0] == first_rows[0]  # epoch 1 kept as it was
+    assert summary["epochs"] == 3 and len(summary["epoch_seconds"]) == 3
+    assert not (out / "backup").exists()
+
+
+def test_nan_loss_stops_with_a_clear_message(tiny, tmp_path):
+    class Poison(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 1:
+                kernel = self.model.get_layer("predictions").kernel
+                kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+
+    out = tmp_path / "run"
+    with pytest.raises(LossDivergedError, match=r"became nan at epoch 1, batch 2.*lower "
+                                                r"learning rate \(Received: lr=0.1\)"):
+        train(**tiny_run(tiny, out, model="resnet20"), callbacks=[Poison()])
+    assert not (out / "summary.json").exists()
+
+
+def test_baseline_has_no_dropout(tiny, tmp_path):
+    with pytest.raises(ValueError, match="resnet20 has no dropout layers. Received: dropout=0.3"):
+        train(**tiny_run(tiny, tmp_path / "run", model="resnet_20", dropout=0.3))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"model": "newton_cgnet_9"}, r"Valid names: \[.*'newton_cgnet10'.*Received: model="),
+    ({"dataset": "mnist"}, r"Valid names: \['cifar10'.*Received: dataset='mnist'"),
+    ({"data": "missing.tar.xz"}, r"does not exist. Received: data="),
+    ({"dataset": "folder", "data": None}, r"Received: data=None"),
+    ({"limit": 0}, r"Received: limit=0"),
+    ({"batch_size": 64}, r"larger than the 30 training images. Received: batch_size=64"),
+    ({"val_size": 36}, r"Received: val_size=36"),
+    ({"distribute": "tpu"}, r"Received: distribute='tpu'"),
+])
+def test_bad_input(tiny, tmp_path, change, message):
+    settings = tiny_run(tiny, tmp_path / "run")
+    settings.update(change)
+    with pytest.raises(ValueError, match=message):
+        train(**settings)
+
+
+def test_corrupt_archive_in_train(tiny, tmp_path):
+    archive = tmp_path / "broken.tar.xz"
+    archive.write_bytes(b"\xfd7zXZ\x00 truncated")
+    with pytest.raises(ValueError, match="corrupt. Received: data="):
+        train(**tiny_run(archive, tmp_path / "run"))
+
+
+def test_cli_reports_bad_input_cleanly(tmp_path, capsys):
+    assert main_cli.COMMANDS["train"] == "keras_newton.training.cli"
+    code = train_cli.main(["--model", "resnet21", "--dataset", "cifar10", "--out",
+                           str(tmp_path / "run")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("keras-newton train: error: Unknown model") and "resnet20" in err
