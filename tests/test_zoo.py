@@ -1,6 +1,8 @@
 """Pretrained-weights registry: schema against the built models, hash checks, loading."""
 
 import json
+import os
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -8,6 +10,8 @@ import pytest
 
 import keras_newton as kn
 from keras_newton import models, zoo
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -100,3 +104,27 @@ def test_preprocess_and_decode(fake_entry):
     assert decoded[0][0][:2] == (3, "cat") and decoded[1][0][:2] == (8, "ship")
     with pytest.raises(ValueError, match="preds.shape"):
         zoo.decode_predictions(np.zeros((2, 5)))
+
+
+CIFAR_ARCHIVE = (Path(os.environ.get("KERAS_NEWTON_DATA", REPO.parent / "shared" / "datasets"))
+                 / "cifar10-jpeg" / "train.tar.xz")
+
+
+@pytest.mark.skipif(not CIFAR_ARCHIVE.exists(), reason=f"CIFAR-10 archive not found at "
+                    f"{CIFAR_ARCHIVE} (set KERAS_NEWTON_DATA)")
+@pytest.mark.parametrize("key", sorted(k for k in zoo.REGISTRY if k.endswith(".cifar10")))
+def test_card_accuracy_is_reproduced(key):
+    """`evaluate` on the card's validation split gives the card's accuracy (to 0.1%)."""
+    from keras_newton.commands.evaluate import evaluate_model, load_split
+
+    arch, tag = key.split(".", 1)
+    entry = zoo.REGISTRY[key]
+    images, labels, _ = load_split("cifar10", CIFAR_ARCHIVE, "val",
+                                   entry["eval"]["val_size"], entry["eval"]["seed"])
+    metrics = evaluate_model(arch, tag, images, labels, entry["preprocessing"],
+                             entry["classes"])
+    assert metrics["num_images"] == entry["metrics"]["val_images"]
+    assert abs(metrics["top1"] - entry["metrics"]["val_top1"]) <= 0.001
+    confusion = np.asarray(metrics["confusion"])
+    assert confusion.sum() == len(labels)
+    assert abs(np.trace(confusion) / len(labels) - metrics["top1"]) < 1e-12
