@@ -47,7 +47,7 @@ class CGBlock(keras.layers.Layer):
             ``keras.config.image_data_format()``.
         fused: compute ``W1*y`` and ``W3*y`` (and ``W2*y`` at inference) with one
             convolution of concatenated kernels; same weights and outputs as the
-            plain path (``fused=False``), faster.
+            plain path (``fused=False``); see benchmarks/README.md for its speed.
         **kwargs: standard layer arguments (``name``, ``dtype``, ...).
 
     Call arguments:
