@@ -80,7 +80,8 @@ def newton_cgnet(
         depth: optional int L, checked against ``L = 2(N1+N2+N3)+2``.
         include_top, weights, input_tensor, input_shape, pooling, classes,
             classifier_activation: as in ``keras.applications``; default input
-            32x32x3, ``weights`` is None or a ``.weights.h5`` path.
+            32x32x3, ``weights`` is None, a tag of ``keras_newton.zoo`` or a
+            ``.weights.h5`` path.
         dropout_rate: float in [0, 1); the paper uses 0.2 on C10+/C100+, 0.3 on
             SVHN, 0.4 without augmentation.
         weight_decay: L2 coefficient as in SGD weight decay (adds

@@ -56,7 +56,7 @@ def _signature_doc(family, what):
     return (
         f"Builds a CIFAR {family} of the given depth (6n+2): {what}.\n\n"
         "    Arguments as in ``keras.applications`` (default input 32x32x3; ``weights`` is\n"
-        "    None or a ``.weights.h5`` path), plus ``weight_decay`` (L2, as SGD weight\n"
+        "    None, a zoo tag or a ``.weights.h5`` path), plus ``weight_decay`` (L2, as SGD weight\n"
         "    decay) and ``data_format``.\n"
     )
 
