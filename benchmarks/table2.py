@@ -1,22 +1,28 @@
 """Benchmark: the paper's Table 2 (runs x 8 settings, n = 2048), optimised vs straightforward.
 
-    python benchmarks/table2.py [--runs 10] [--n 2048] [--seed 0] [--blas-threads 1]
+    python benchmarks/table2.py [--runs 10] [--n 2048] [--seed 0] [--workers 2]
 
-Both implementations solve the same instances (generated once per run, timed apart) in
-this process, run by run, alternating which goes first. The straightforward one, below,
-is Algorithm 1 exactly as written, one vector at a time: ``A @ v`` products, the CG
-gradient recomputed as ``Q y - b`` at every inner iteration, ``b = U^T r`` formed, and
-F(x_k) computed by a function of its own. The optimised one is
-``keras_newton.design.solvers.solve_lockstep``: ``A x_k`` shared by the stopping test and
-the step, the CG gradient updated by recurrence, ``g_0`` in one product, no unused last
-product (2N + 1 products per Newton-CG iteration instead of 4N + 5, m + 1 instead of m + 2
-per quasi-Newton iteration), BLAS ``dsymv`` (one triangle of A: half the memory traffic of
-``A @ v``), and the eight settings of a run advanced in lock-step, their products in one
-GEMM pass over A while ``BATCH_MIN`` or more settings are running. The benchmark fails
-(exit 1) unless both give the same iteration counts in every run and setting.
+Three timings of the same instances (run r from ``default_rng([seed, r])``), one after
+the other in one invocation:
+
+1. optimised, as ``keras-newton table2`` runs it: ``run_table2(workers=2)``, the runs
+   spread over two worker processes (one BLAS thread each), generation included;
+2. straightforward, in this process: Algorithm 1 exactly as written, one vector at a time:
+   ``A @ v`` products, the CG gradient recomputed as ``Q y - b`` at every inner iteration,
+   ``b = U^T r`` formed, F(x_k) computed by a function of its own;
+3. optimised in this one process (``workers=1``).
+
+The optimised solver is ``keras_newton.design.solvers.solve_lockstep``: ``A x_k`` shared
+by the stopping test and the step, the CG gradient updated by recurrence, ``g_0`` in one
+product, no unused last product (2N + 1 products per Newton-CG iteration instead of
+4N + 5, m + 1 instead of m + 2 per quasi-Newton iteration), BLAS ``dsymv`` (one triangle
+of A: half the memory traffic of ``A @ v``), and the eight settings of a run advanced in
+lock-step, their products in one GEMM pass over A while ``BATCH_MIN`` or more settings
+are running. The benchmark fails (exit 1) unless all three give the same iteration
+counts in every run and setting.
 
 ``--blas-threads`` (default 1) is set before NumPy loads: on a machine shared with other
-work, multi-threaded OpenBLAS stalls on every call; both sides get the same setting.
+work, multi-threaded OpenBLAS stalls on every call; every process gets one thread.
 """
 
 import argparse
@@ -30,6 +36,8 @@ def parse_args(argv=None):
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--n", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2,
+                        help="processes for the optimised side (default 2, this machine's cores)")
     parser.add_argument("--blas-threads", default="1",
                         help="OPENBLAS_NUM_THREADS for this process ('keep': leave it as is)")
     return parser.parse_args(argv)
@@ -115,88 +123,88 @@ def main(argv=None):
             os.environ[var] = args.blas_threads
     import numpy as np
 
-    from keras_newton.design.experiment import PAPER_SETTINGS, PAPER_TABLE2, setting_label
-    from keras_newton.design.problem import SymmetricOperator, check_instance, random_problem
-    from keras_newton.design.solvers import solve_lockstep
+    from keras_newton.design.experiment import (
+        PAPER_SETTINGS,
+        PAPER_TABLE2,
+        run_table2,
+        setting_label,
+    )
+    from keras_newton.design.problem import check_instance, random_problem
 
     check_instance(args.n, 0.9999)
     eps, max_iter = 1e-20, 1000
     keys = PAPER_SETTINGS
-    fast = {key: dict(iterations=[], matvecs=[]) for key in keys}
-    plain = {key: dict(iterations=[], matvecs=[]) for key in keys}
-    seconds = dict(matrix=0.0, fast=0.0, plain=0.0)  # wall clock
-    cpu = dict(matrix=0.0, fast=0.0, plain=0.0)  # this process's CPU time
-    passes = [0]  # BLAS calls of the optimised side (a batched round is one)
     load_before = os.getloadavg()[0]
-    mismatches = []
 
-    def run_fast(A, x0):
-        op = SymmetricOperator(A)
-        for key, result in zip(keys, solve_lockstep(op, x0, keys, eps=eps, max_iter=max_iter),
-                               strict=True):
-            assert result.converged, key
-            fast[key]["iterations"].append(result.iterations)
-            fast[key]["matvecs"].append(result.matvecs)
-        passes[0] += op.passes
+    def progress(label):
+        return lambda line: print(f"{label}: {line}", file=sys.stderr, flush=True)
 
-    def run_plain(A, x0):
+    def optimised(workers):
+        start = time.perf_counter()
+        table = run_table2(runs=args.runs, n=args.n, seed=args.seed, eps=eps,
+                           max_iter=max_iter, settings=keys, workers=workers,
+                           progress=progress(f"optimised, {workers} process(es)"))
+        return table, time.perf_counter() - start
+
+    # 1. The optimised side as a user runs it: runs spread over --workers processes.
+    parallel, parallel_wall = optimised(args.workers)
+    # 2. The straightforward side, here, one run after the other (generation timed apart).
+    plain = {key: dict(iterations=[], matvecs=[]) for key in keys}
+    plain_matrix = plain_solve = 0.0
+    for run in range(args.runs):
+        start = time.perf_counter()
+        A, x0 = random_problem(args.n, 0.9999, np.random.default_rng([args.seed, run]))
+        plain_matrix += time.perf_counter() - start
+        start = time.perf_counter()
         for method, setting in keys:
             counted = CountingMatrix(A)
             its, converged = STRAIGHTFORWARD[method](counted, x0, setting, eps, max_iter)
             assert converged, (method, setting)
             plain[method, setting]["iterations"].append(its)
             plain[method, setting]["matvecs"].append(counted.matvecs)
-
-    for run in range(args.runs):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        A, x0 = random_problem(args.n, 0.9999, np.random.default_rng([args.seed, run]))
-        seconds["matrix"] += time.perf_counter() - start
-        cpu["matrix"] += time.process_time() - start_cpu
-        order = [("fast", run_fast), ("plain", run_plain)]
-        for name, fn in order if run % 2 == 0 else order[::-1]:
-            start, start_cpu = time.perf_counter(), time.process_time()
-            fn(A, x0)
-            seconds[name] += time.perf_counter() - start
-            cpu[name] += time.process_time() - start_cpu
-        for key in keys:
-            if fast[key]["iterations"][-1] != plain[key]["iterations"][-1]:
-                mismatches.append((run, key))
-        print(f"run {run + 1}/{args.runs}: optimised {seconds['fast']:.1f} s, "
-              f"straightforward {seconds['plain']:.1f} s so far; iterations "
-              + " ".join(str(fast[key]["iterations"][-1]) for key in keys),
+        plain_solve += time.perf_counter() - start
+        print(f"straightforward: run {run + 1}/{args.runs}: {plain_solve:.1f} s so far",
               file=sys.stderr, flush=True)
+    plain_wall = plain_matrix + plain_solve
+    # 3. The optimised side in this one process (what the parallelism adds on top).
+    single, single_wall = optimised(1)
 
     print(f"Table 2 benchmark: {args.runs} runs x {len(keys)} settings, n={args.n}, "
-          f"seed={args.seed}, OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}, "
+          f"seed={args.seed}, one BLAS thread per process, {args.workers} worker processes, "
           f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
     head = ("Method", "Setting", "Median opt.", "Median plain", "Paper", "Within 20%",
             "Matvecs opt.", "Matvecs plain")
     print("{:<13} {:<8} {:>11} {:>12} {:>6} {:>10} {:>12} {:>13}".format(*head))
-    for key in keys:
-        median = float(np.median(fast[key]["iterations"]))
+    mismatches = []
+    for key, row, row1 in zip(keys, parallel.rows, single.rows, strict=True):
+        median = row.median_iterations
         paper = PAPER_TABLE2[key]
         print("{:<13} {:<8} {:>11g} {:>12g} {:>6g} {:>10} {:>12g} {:>13g}".format(
             key[0], setting_label(*key), median, float(np.median(plain[key]["iterations"])),
             paper, "yes" if abs(median - paper) <= 0.2 * paper else "NO",
-            float(np.median(fast[key]["matvecs"])), float(np.median(plain[key]["matvecs"]))))
-    total_fast = sum(sum(v["matvecs"]) for v in fast.values())
+            row.median_matvecs, float(np.median(plain[key]["matvecs"]))))
+        mismatches += [(run, key) for run, (a, b, c) in enumerate(zip(
+            row.iterations, row1.iterations, plain[key]["iterations"], strict=True))
+            if not a == b == c]
+    total_fast = sum(sum(row.matvecs) for row in parallel.rows)
     total_plain = sum(sum(v["matvecs"]) for v in plain.values())
-    wall = seconds["matrix"] + seconds["fast"]
     print(f"products with A: optimised {total_fast}, straightforward {total_plain} "
           f"({total_plain / total_fast:.2f}x); passes over A (BLAS calls): optimised "
-          f"{passes[0]}, straightforward {total_plain} ({total_plain / passes[0]:.2f}x)")
-    print(f"matrix generation (shared): {seconds['matrix']:.2f} s wall, {cpu['matrix']:.2f} s CPU")
-    print(f"solvers, wall: optimised {seconds['fast']:.2f} s, straightforward "
-          f"{seconds['plain']:.2f} s, ratio {seconds['plain'] / seconds['fast']:.2f}x "
-          f"(target >= 5x); with generation {(seconds['matrix'] + seconds['plain']) / wall:.2f}x")
-    print(f"solvers, CPU:  optimised {cpu['fast']:.2f} s, straightforward {cpu['plain']:.2f} s, "
-          f"ratio {cpu['plain'] / cpu['fast']:.2f}x")
-    print(f"full Table 2, optimised: {wall:.2f} s wall (target <= 30 s), "
-          f"{cpu['matrix'] + cpu['fast']:.2f} s CPU")
+          f"{parallel.passes}, straightforward {total_plain} "
+          f"({total_plain / parallel.passes:.2f}x)")
+    print(f"one process, solvers only: optimised {single.solve_seconds:.2f} s, straightforward "
+          f"{plain_solve:.2f} s, ratio {plain_solve / single.solve_seconds:.2f}x")
+    print(f"one process, full table (generation + solvers): optimised {single_wall:.2f} s, "
+          f"straightforward {plain_wall:.2f} s, ratio {plain_wall / single_wall:.2f}x")
+    print(f"full Table 2, optimised in {args.workers} processes: {parallel_wall:.2f} s wall "
+          f"(target <= 30 s; process start included); against the straightforward one "
+          f"{plain_wall / parallel_wall:.2f}x (target >= 5x), against one process "
+          f"{single_wall / parallel_wall:.2f}x")
     if mismatches:
         print(f"FAIL: iteration counts differ in (run, setting) {mismatches}")
         return 1
-    print("iteration counts: identical in every run and setting")
+    print("iteration counts: identical in every run and setting (2 processes, 1 process, "
+          "straightforward)")
     return 0
 
 

@@ -17,6 +17,7 @@ COMMANDS = {
     "zoo": "keras_newton.commands.zoo",
     "export": "keras_newton.export.cli",
     "predict": "keras_newton.export.predict_cli",
+    "tune": "keras_newton.tuning.cli",
 }
 
 

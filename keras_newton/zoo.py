@@ -149,3 +149,18 @@ Classes: {', '.join(e['class_names'])}.
 ```
 commit `{e['recipe']['commit']}`; {e['recipe'].get('notes', '')}
 """
+
+
+def strip_optimizer(src, dst):
+    """Copies a ``.weights.h5`` file without the optimizer's state (momentum buffers).
+
+    ``Model.save_weights`` on a compiled model also writes the optimizer's variables;
+    released weights carry the layers alone (half the size, and nothing for an
+    optimizer to load when a user fine-tunes).
+    """
+    import h5py
+
+    with h5py.File(src, "r") as source, h5py.File(dst, "w") as target:
+        for key in source:
+            if key != "optimizer":
+                source.copy(key, target)

@@ -298,6 +298,25 @@ def test_run_table2_small(tmp_path):
     assert data["rows"][-1]["paper"] is None
 
 
+def test_workers_give_the_same_table():
+    """Runs solved in two processes: the same iterations, products and histories, in order."""
+    settings = [("quasi-newton", 1), ("newton-cg", 4), ("l-bfgs", 2)]
+    one = run_table2(runs=3, n=40, seed=2, settings=settings, max_iter=200)
+    lines = []
+    two = run_table2(runs=3, n=40, seed=2, settings=settings, max_iter=200, workers=2,
+                     progress=lines.append)
+    assert [line.split(":")[0] for line in lines] == ["run 1/3", "run 2/3", "run 3/3"]
+    for a, b in zip(one.rows, two.rows, strict=True):
+        assert (a.iterations, a.matvecs, a.history) == (b.iterations, b.matvecs, b.history)
+    assert one.passes == two.passes
+
+
+@pytest.mark.parametrize("workers", [0, 1.5, None])
+def test_bad_workers(workers):
+    with raises("workers", workers):
+        run_table2(runs=1, n=8, workers=workers)
+
+
 def parse_cli(argv):
     parser = argparse.ArgumentParser()
     design_cli.add_arguments(parser)

@@ -134,10 +134,11 @@ def exports(tmp_path_factory, weights_file):
     return {"plain": root / "plain", "optimized": out}
 
 
-def tiny_model(size, channels=8):
+def tiny_model(size, channels=8, branch_filters=None):
     """One strided Newton-CG Block (2 CG Blocks, both projections) + pooling."""
     inputs = keras.Input((size, size, channels))
-    x = NewtonCGBlock(num_cg_blocks=2, filters=16, strides=2, name="block")(inputs)
+    x = NewtonCGBlock(num_cg_blocks=2, filters=16, strides=2, branch_filters=branch_filters,
+                      name="block")(inputs)
     return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
 
 
@@ -173,10 +174,14 @@ def test_optimized_matches_original(name, calibration):
         assert sum(len(b.merged) + len(b.conv4) for b in blocks) == 8
 
 
+@pytest.mark.parametrize("branch_filters", [None, (4, 4, 8)])
 @pytest.mark.parametrize("size", [15, 16])
-def test_strided_projection_merge_is_exact_for_odd_and_even_sizes(size, rng):
-    """The 1x1 projections sit at different 3x3 taps for odd and even input sizes."""
-    model = tiny_model(size)
+def test_strided_projection_merge_is_exact_for_odd_and_even_sizes(size, branch_filters, rng):
+    """The 1x1 projections sit at different 3x3 taps for odd and even input sizes.
+
+    Also the concatenated gradient of eq. 18 (Newton-CGNet-34), folded as a zero-padded sum.
+    """
+    model = tiny_model(size, branch_filters=branch_filters)
     images = rng.normal(size=(16, size, size, 8)).astype("float32")
     fast = optimize_for_inference(randomize(model, images, seed=size))
     assert np.abs(model.predict(images, verbose=0) - fast.predict(images, verbose=0)).max() <= TOL

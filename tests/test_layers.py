@@ -69,6 +69,29 @@ def test_matches_numpy_algorithm2(num_cg_blocks, in_channels, filters, strides, 
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("in_channels,strides", [(8, 1), (4, 2)])
+def test_concatenated_gradient_matches_numpy_eq18(in_channels, strides, fused, rng):
+    """branch_filters=(f1, f2, f4): g = y + [g1, g2, g3] (eq. 18, Newton-CGNet-34)."""
+    block = NewtonCGBlock(3, 8, strides=strides, fused=fused, branch_filters=(2, 2, 4))
+    x = rng.normal(size=(2, 8, 8, in_channels)).astype("float32")
+    block.build(x.shape)
+    randomize(block, rng)
+    blocks, proj = reference_params(block)
+    assert [blocks[0][k].shape[-1] for k in ("w1_w", "w2_w", "w3_w", "w4_w")] == [2, 2, 8, 4]
+    got = arr(block(x, training=False))
+    want = newton_cg_block(x.astype("float64"), blocks, proj, strides, concat=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # The sum form on the same weights would not even have matching shapes.
+    assert got.shape == (2, 8 // strides, 8 // strides, 8)
+
+
+@pytest.mark.parametrize("branch_filters", [(2, 2), (2, 2, 2), (0, 4, 4), [2.0, 2, 4], "224"])
+def test_bad_branch_filters(branch_filters):
+    with pytest.raises(ValueError, match="branch_filters="):
+        NewtonCGBlock(1, 8, branch_filters=branch_filters)
+
+
 def test_scalars_per_algorithm2():
     block = NewtonCGBlock(4, 8)
     block.build((None, 8, 8, 8))
@@ -138,6 +161,7 @@ def test_fused_path_same_outputs_gradients_and_weights(rng):
     (CGBlock, {"filters": 8, "strides": 2, "dropout_rate": 0.1, "first_step": False,
                "kernel_regularizer": keras.regularizers.L2(1e-4)}),
     (NewtonCGBlock, {"num_cg_blocks": 2, "filters": 8, "strides": 2, "dropout_rate": 0.1}),
+    (NewtonCGBlock, {"num_cg_blocks": 2, "filters": 8, "branch_filters": (2, 2, 4)}),
 ])
 def test_config_round_trip(cls, kwargs):
     layer = cls(**kwargs, name="blk")

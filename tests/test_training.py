@@ -9,7 +9,8 @@ import pytest
 from test_data import make_image_tree
 
 from keras_newton import cli as main_cli
-from keras_newton.data import channel_stats, holdout_split, load_dataset
+from keras_newton.data import CIFAR10_CLASSES, channel_stats, holdout_split, load_dataset
+from keras_newton.models import NewtonCGNet10
 from keras_newton.training import (
     RECIPES,
     LossDivergedError,
@@ -37,7 +38,7 @@ def tiny_run(data, out, **kwargs):
 
 
 def test_recipes_are_the_papers():
-    for name in RECIPES:
+    for name in ("C10", "C10+", "C100", "C100+", "SVHN"):  # Section 4.1.2
         recipe = RECIPES[name]
         assert recipe["optimizer"] == "sgd" and recipe["momentum"] == 0.9 and recipe["nesterov"]
         assert recipe["batch_size"] == 128 and recipe["lr"] == 0.1
@@ -49,6 +50,11 @@ def test_recipes_are_the_papers():
         0.2, 0.2, 0.3, 0.4, 0.4]
     assert RECIPES["SVHN"]["epochs"] == 40 and RECIPES["SVHN"]["weight_decay"] == 1e-4
     assert not RECIPES["SVHN"]["augment"] and RECIPES["C10+"]["augment"]
+    imagenet = get_recipe("imagenet")  # Section 4.1.5
+    assert (imagenet["lr"], imagenet["batch_size"], imagenet["dropout"], imagenet["epochs"]) == (
+        0.1, 256, 0.2, 100)
+    assert [round(m * 100) for m in imagenet["lr_milestones"]] == [30, 60, 90]
+    assert imagenet["lr_factor"] == 0.1 and imagenet["augment"] and imagenet["nesterov"]
 
 
 def test_get_recipe_picks_and_overrides():
@@ -223,3 +229,47 @@ def test_cli_reports_bad_input_cleanly(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("keras-newton train: error: Unknown model") and "resnet20" in err
+
+
+@pytest.mark.slow  # about 2 minutes: JAX compiles Newton-CGNet-10 on CPU
+def test_gpu_script_without_tensorflow(tmp_path):
+    """zoo/gpu_train.sh as on the GPU machine: JAX, bf16, TensorFlow absent, one tar back."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    hide = tmp_path / "hide_tf"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(  # `import tensorflow` fails, find_spec is None
+        "import sys\nfor m in ('tensorflow', 'tensorflow_text', 'tensorflow_datasets', "
+        "'tf2onnx'):\n    sys.modules[m] = None\n")
+    make_image_tree(tmp_path / "images", classes=CIFAR10_CLASSES, per_class={"train": 8})
+    archive = tmp_path / "images.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(tmp_path / "images" / "train", arcname="train")
+    env = {**os.environ, "PYTHONPATH": str(hide), "DEPTHS": "10", "EPOCHS_10": "1",
+           "KERAS_NEWTON_HOME": str(tmp_path / "home"),
+           "EXTRA_ARGS": "--val-size 20 --batch-size 20",
+           "DATA": str(archive), "OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "runs"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("KERAS_BACKEND", None)
+    done = subprocess.run(["bash", str(root / "zoo" / "gpu_train.sh")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "TensorBoard logs are skipped" in done.stderr
+    with tarfile.open(tmp_path / "out" / "newton_cgnet10.tar") as tar:
+        names = sorted(m.name for m in tar.getmembers() if m.isfile())
+        tar.extractall(tmp_path / "back", filter="data")
+    assert names == sorted(f"newton_cgnet10/{n}" for n in (
+        "best.json", "best.weights.h5", "config.json", "curves.png", "history.csv",
+        "preprocessing.json", "summary.json"))
+    run = tmp_path / "back" / "newton_cgnet10"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["backend"] == "jax" and summary["mixed_precision"] is True
+    assert json.loads((run / "config.json").read_text())["augment"] is True
+    # The weights, optimizer state stripped, load into a fresh model.
+    model = NewtonCGNet10(weights=str(run / "best.weights.h5"))
+    assert model.output_shape == (None, 10)

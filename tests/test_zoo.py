@@ -4,6 +4,7 @@ import json
 import os
 from pathlib import Path
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -46,6 +47,24 @@ def test_registry_schema_matches_models():
         assert entry["num_params"] == models.get_model(arch).count_params(), key
         assert zoo.sha256(zoo.weights_path(*key.split(".", 1))) == entry["sha256"], key
         assert len(entry["class_names"]) == entry["classes"], key
+        with h5py.File(zoo.weights_path(*key.split(".", 1))) as f:  # layers only
+            assert "optimizer" not in f and "layers" in f, key
+
+
+def test_strip_optimizer(tmp_path, rng):
+    """A compiled, trained model's weights file loses only the optimizer's state."""
+    model = kn.NewtonCGNet10(classes=3, input_shape=(16, 16, 3))
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "sparse_categorical_crossentropy")
+    model.fit(rng.normal(size=(8, 16, 16, 3)), rng.integers(0, 3, 8), verbose=0)
+    full, small = tmp_path / "full.weights.h5", tmp_path / "small.weights.h5"
+    model.save_weights(full)
+    zoo.strip_optimizer(full, small)
+    with h5py.File(full) as f, h5py.File(small) as g:
+        assert "optimizer" in f and "optimizer" not in g
+    assert small.stat().st_size < 0.7 * full.stat().st_size
+    fresh = kn.NewtonCGNet10(classes=3, input_shape=(16, 16, 3), weights=str(small))
+    for a, b in zip(model.weights, fresh.weights, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
 
 
 def test_registry_golden_logits():

@@ -15,13 +15,18 @@ def model_table(forward=False):
     from keras_newton import models
 
     rows = []
+    rng = np.random.default_rng(0)
     for name, builder in models.MODELS.items():
         model = builder()
-        depth = int("".join(ch for ch in name if ch.isdigit()))
+        digits = "".join(ch for ch in name if ch.isdigit())
+        depth = int(digits) if digits else None
         shape = None
         if forward:
-            x = np.random.default_rng(0).normal(size=(2, *model.input_shape[1:]))
-            shape = tuple(model(x.astype("float32"), training=False).shape)
+            if "int" in str(model.inputs[0].dtype):  # text models read character ids
+                x = rng.integers(0, 70, size=(2, *model.input_shape[1:])).astype("int32")
+            else:
+                x = rng.normal(size=(2, *model.input_shape[1:])).astype("float32")
+            shape = tuple(model(x, training=False).shape)
         rows.append((name, depth, model.count_params(), models.PAPER_PARAMS.get(name), shape))
     return rows
 
@@ -32,6 +37,10 @@ def run(args):
     for name, depth, params, paper, shape in model_table(args.forward):
         paper_s = "-" if paper is None else f"{paper:.2f}M"
         diff = "-" if paper is None else f"{100 * (params / 1e6 - paper) / paper:+.1f}%"
-        line = f"{name:18s} {depth:5d} {params:11,d} {paper_s:>7s} {diff:>7s}"
+        depth_s = "-" if depth is None else str(depth)
+        line = f"{name:18s} {depth_s:>5s} {params:11,d} {paper_s:>7s} {diff:>7s}"
         print(line + (f"  {shape}" if shape else ""))
+    from keras_newton.models import TEXT_PARAMS_NOTE
+
+    print(f"\nNote on the {TEXT_PARAMS_NOTE}")
     return 0

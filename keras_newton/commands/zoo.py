@@ -53,7 +53,7 @@ def add(args):
     key = f"{arch}.{args.tag}"
     zoo.REPO_ZOO.mkdir(exist_ok=True)
     target = zoo.REPO_ZOO / f"{key}.weights.h5"
-    shutil.copyfile(run / "best.weights.h5", target)
+    zoo.strip_optimizer(run / "best.weights.h5", target)
     for name, suffix in (("history.csv", "history.csv"), ("curves.png", "curves.png")):
         shutil.copyfile(run / name, zoo.REPO_ZOO / f"{key}.{suffix}")
     images, labels, class_names = load_split(config["dataset"], config["data"], "val",

@@ -14,7 +14,9 @@ from keras_newton.data.datasets import (
 )
 from keras_newton.data.image_folder import decode_source, keras_newton_home, load_image_source
 from keras_newton.data.pipeline import (
+    ArrayBatches,
     balanced_subset,
+    batches,
     channel_stats,
     holdout_split,
     make_dataset,
@@ -22,7 +24,8 @@ from keras_newton.data.pipeline import (
 )
 
 __all__ = [
-    "CIFAR10_CLASSES", "DATASETS", "ImageData", "available_splits", "balanced_subset",
+    "ArrayBatches", "batches", "CIFAR10_CLASSES", "DATASETS", "ImageData", "available_splits",
+    "balanced_subset",
     "canonical_dataset", "channel_stats", "decode_source", "holdout_split",
     "keras_newton_home", "load_dataset", "load_image_source", "make_dataset", "normalization",
 ]

@@ -20,11 +20,15 @@ DATASETS = {
                  "image_size": (32, 32), "normalization": "meanstd"},
     "svhn": {"tfds": "svhn_cropped", "classes": 10, "class_names": tuple("0123456789"),
              "image_size": (32, 32), "normalization": "scale"},
+    # ILSVRC 2012, streamed from files (keras_newton.data.imagenet), never held in memory.
+    "imagenet": {"tfds": "imagenet2012", "classes": 1000, "class_names": None,
+                 "image_size": None, "normalization": "imagenet", "streaming": True},
     # The user's own images: needs `data`, any number of classes and any (common) size.
     "folder": {"tfds": None, "classes": None, "class_names": None,
                "image_size": None, "normalization": "meanstd"},
 }
-_ALIASES = {"svhn_cropped": "svhn", "c10": "cifar10", "c100": "cifar100", "images": "folder",
+_ALIASES = {"imagenet2012": "imagenet", "ilsvrc2012": "imagenet",
+            "svhn_cropped": "svhn", "c10": "cifar10", "c100": "cifar100", "images": "folder",
             "image_folder": "folder"}
 
 
@@ -133,6 +137,10 @@ def load_dataset(name, data=None, split="train", cache_dir=None):
     ((50000, 32, 32, 3), ['airplane', 'automobile'])
     """
     name = canonical_dataset(name)
+    if DATASETS[name].get("streaming"):
+        raise ValueError(f"{name} is too large to load into memory; stream it with "
+                         "keras_newton.data.imagenet.imagenet_dataset. "
+                         f"Received: dataset={name!r}")
     if data is not None:
         return _load_local(name, Path(data).expanduser(), split, cache_dir)
     if DATASETS[name]["tfds"] is None:

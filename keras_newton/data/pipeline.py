@@ -6,6 +6,7 @@ channel mean/std for CIFAR, ``mean=0, std=255`` (x / 255) for SVHN. The "+" augm
 model, so it cannot reach an exported graph.
 """
 
+import keras
 import numpy as np
 
 
@@ -135,3 +136,61 @@ def make_dataset(images, labels, batch_size, mean, std, *, training, augment=Fal
     ds = ds.map(normalize_fn, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=training)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf))
+
+
+
+class ArrayBatches(keras.utils.PyDataset):
+    """The pipeline of `make_dataset` in NumPy, as a ``keras.utils.PyDataset``.
+
+    Needs no TensorFlow: the JAX backend (e.g. a GPU machine without TensorFlow) trains
+    from it. Training batches follow a fresh seeded permutation each epoch, the last
+    ``n % batch_size`` images skipped; evaluation keeps every image. The augmentation
+    pads ``shift`` zero pixels, crops back at a random offset and flips half of the
+    images, per image. Arguments as in `make_dataset`.
+    """
+
+    def __init__(self, images, labels, batch_size, mean, std, *, training, augment=False,
+                 seed=0, shift=4):
+        super().__init__()
+        self.images, self.labels = images, np.asarray(labels, np.int32)
+        self.batch_size, self.training, self.augment, self.shift = (
+            batch_size, training, augment, shift)
+        self.mean = np.asarray(mean, np.float32)
+        self.std = np.asarray(std, np.float32)
+        self.rng = np.random.default_rng(seed)
+        self.order = np.arange(len(self.labels))
+        self.on_epoch_end()
+
+    def __len__(self):
+        n = len(self.labels)
+        return n // self.batch_size if self.training else -(-n // self.batch_size)
+
+    def on_epoch_end(self):
+        if self.training:
+            self.order = self.rng.permutation(len(self.labels))
+
+    def __getitem__(self, index):
+        take = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        x = self.images[take]
+        if self.training and self.augment:
+            x = _shift_and_flip(x, self.shift, self.rng)
+        return (x.astype(np.float32) - self.mean) / self.std, self.labels[take]
+
+def _shift_and_flip(x, shift, rng):
+    n, height, width = x.shape[:3]
+    padded = np.pad(x, ((0, 0), (shift, shift), (shift, shift), (0, 0)))
+    rows = rng.integers(0, 2 * shift + 1, n)
+    cols = rng.integers(0, 2 * shift + 1, n)
+    flips = rng.random(n) < 0.5
+    out = np.empty_like(x)
+    for i in range(n):
+        crop = padded[i, rows[i]:rows[i] + height, cols[i]:cols[i] + width]
+        out[i] = crop[:, ::-1] if flips[i] else crop
+    return out
+
+
+def batches(images, labels, batch_size, mean, std, *, training, augment=False, seed=0):
+    """`make_dataset` (``tf.data``) on the TensorFlow backend, else `ArrayBatches`."""
+    make = make_dataset if keras.backend.backend() == "tensorflow" else ArrayBatches
+    return make(images, labels, batch_size, mean, std, training=training, augment=augment,
+                seed=seed)

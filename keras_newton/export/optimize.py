@@ -96,6 +96,15 @@ def _scalar(var):
 
 
 @keras.saving.register_keras_serializable(package="keras_newton")
+def _widen(kernel, bias, start, filters):
+    """Places a branch's output channels at ``start`` of ``filters`` zero channels."""
+    wide_k = np.zeros((*kernel.shape[:-1], filters))
+    wide_b = np.zeros(filters)
+    wide_k[..., start:start + kernel.shape[-1]] = kernel
+    wide_b[start:start + kernel.shape[-1]] = bias
+    return wide_k, wide_b
+
+
 class FoldedNewtonCGBlock(keras.layers.Layer):
     """Inference-only Newton-CG Block: BN folded, each CG Block's reads of ``y`` merged.
 
@@ -213,6 +222,11 @@ class FoldedNewtonCGBlock(keras.layers.Layer):
             k2, b2 = fold_batch_norm(cg.conv2, cg.bn2)
             k3, b3 = fold_batch_norm(cg.conv3, cg.bn3)
             k4, b4 = fold_batch_norm(cg.conv4, cg.bn4)
+            if cg.branch_filters is not None:  # eq. 18: [g1, g2, g3] = zero-padded sum
+                f1, f2, _ = cg.branch_filters
+                k1, b1 = _widen(k1, b1, 0, block.filters)
+                k2, b2 = _widen(k2, b2, f1, block.filters)
+                k4, b4 = _widen(k4, b4, f1 + f2, block.filters)
             if cg.use_projection:
                 kg, bg = fold_batch_norm(cg.proj_g_conv, cg.proj_g_bn)
                 kg = _embed_1x1(kg, taps)

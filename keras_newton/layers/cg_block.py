@@ -6,9 +6,11 @@ from keras import ops
 from keras_newton.layers.common import (
     batch_norm,
     channel_axis,
+    check_branch_filters,
     check_dropout_rate,
     check_image_shape,
     check_positive_int,
+    check_rank,
     conv,
     standardize_data_format,
 )
@@ -29,6 +31,12 @@ class CGBlock(keras.layers.Layer):
         d  = -g + beta * d_prev      (later steps)
         y_next = y + alpha * d
 
+    With ``branch_filters=(f1, f2, f4)`` (eq. 18, the ImageNet Newton-CGNet-34) the
+    branches are narrower and concatenated instead of summed:
+    ``g = y + [g1, g2, g3]`` with ``W1``, ``W2``, ``W4`` giving ``f1``, ``f2``, ``f4``
+    channels (``f1 + f2 + f4 = filters``; ``W3`` keeps ``filters``). This is the sum
+    form with some output channels of ``W1``, ``W2``, ``W4`` fixed to zero.
+
     ``alpha`` and (for later steps only) ``beta`` are learnable scalars
     initialised to 1.0. The ReLU after ``W3`` and a BatchNormalization after every
     convolution follow Section 4.1.2 of the paper. When ``strides > 1`` or the
@@ -45,9 +53,15 @@ class CGBlock(keras.layers.Layer):
         kernel_regularizer: optional regularizer for the convolution kernels.
         data_format: ``"channels_last"`` or ``"channels_first"``; defaults to
             ``keras.config.image_data_format()``.
+        branch_filters: None (every branch has ``filters`` channels and they are
+            summed) or three ints ``(f1, f2, f4)`` summing to ``filters`` (eq. 18).
         fused: compute ``W1*y`` and ``W3*y`` (and ``W2*y`` at inference) with one
             convolution of concatenated kernels; same weights and outputs as the
             plain path (``fused=False``); see benchmarks/README.md for its speed.
+        rank: 2 (default) for images; 1 for sequences ``(batch, steps, channels)``
+            with temporal convolutions of size 3 (and 1 for the projections), as in
+            the text model of Section 4.2. Same algorithm, only the convolution rank
+            changes, so the text model reuses this layer instead of a 1-D copy.
         **kwargs: standard layer arguments (``name``, ``dtype``, ...).
 
     Call arguments:
@@ -76,27 +90,33 @@ class CGBlock(keras.layers.Layer):
         kernel_regularizer=None,
         data_format=None,
         fused=True,
+        branch_filters=None,
+        rank=2,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.fused = bool(fused)
+        self.rank = check_rank(rank)
         self.filters = check_positive_int("filters", filters)
+        self.branch_filters = check_branch_filters(branch_filters, self.filters)
+        f1, f2, f4 = self.branch_filters or (filters, filters, filters)
         self.strides = check_positive_int("strides", strides)
         self.dropout_rate = check_dropout_rate(dropout_rate)
         self.first_step = bool(first_step)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.data_format = standardize_data_format(data_format)
 
-        def _conv(k, s, name):
-            return conv(filters, k, s, name, self.kernel_regularizer, self.data_format)
+        def _conv(k, s, name, width=filters):
+            return conv(width, k, s, name, self.kernel_regularizer, self.data_format,
+                        self.rank)
 
         def _bn(name):
             return batch_norm(name, self.data_format)
 
-        self.conv1, self.bn1 = _conv(3, strides, "conv1"), _bn("bn1")
-        self.conv2, self.bn2 = _conv(3, strides, "conv2"), _bn("bn2")
+        self.conv1, self.bn1 = _conv(3, strides, "conv1", f1), _bn("bn1")
+        self.conv2, self.bn2 = _conv(3, strides, "conv2", f2), _bn("bn2")
         self.conv3, self.bn3 = _conv(3, strides, "conv3"), _bn("bn3")
-        self.conv4, self.bn4 = _conv(3, 1, "conv4"), _bn("bn4")
+        self.conv4, self.bn4 = _conv(3, 1, "conv4", f4), _bn("bn4")
         self.dropout1 = keras.layers.Dropout(self.dropout_rate, name="dropout1")
         self.dropout2 = keras.layers.Dropout(self.dropout_rate, name="dropout2")
         self.dropout3 = keras.layers.Dropout(self.dropout_rate, name="dropout3")
@@ -109,19 +129,19 @@ class CGBlock(keras.layers.Layer):
         return self.strides != 1 or in_channels != self.filters
 
     def build(self, y_shape, d_prev_shape=None):
-        in_channels = check_image_shape(y_shape, "CGBlock", self.data_format)
+        in_channels = check_image_shape(y_shape, "CGBlock", self.data_format, self.rank)
         if self.first_step != (d_prev_shape is None):
             raise ValueError(
                 "CGBlock: `d_prev` must be given exactly when first_step=False. "
                 f"Received: first_step={self.first_step}, d_prev={d_prev_shape}"
             )
-        self.conv1.build(y_shape)
-        out_shape = self.conv1.compute_output_shape(y_shape)
-        for layer in (self.conv2, self.conv3):
+        for layer in (self.conv1, self.conv2, self.conv3):
             layer.build(y_shape)
+        out_shape = self.conv3.compute_output_shape(y_shape)
         self.conv4.build(out_shape)
-        for bn in (self.bn1, self.bn2, self.bn3, self.bn4):
-            bn.build(out_shape)
+        for c, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3),
+                      (self.conv4, self.bn4)):
+            bn.build(c.compute_output_shape(out_shape if c is self.conv4 else y_shape))
         self.use_projection = self._needs_projection(in_channels)
         if self.use_projection:
             for layer in (self.proj_g_conv, self.proj_y_conv):
@@ -146,7 +166,9 @@ class CGBlock(keras.layers.Layer):
         kernel = ops.concatenate([ops.cast(c.kernel, y.dtype) for c in convs], axis=-1)
         out = ops.conv(y, kernel, strides=self.strides, padding="same",
                        data_format=self.data_format)
-        parts = ops.split(out, len(convs), axis=channel_axis(self.data_format))
+        widths = [c.filters for c in convs]
+        ends = [sum(widths[: i + 1]) for i in range(len(widths) - 1)]
+        parts = ops.split(out, ends, axis=channel_axis(self.data_format))
         return parts[0], parts[1], parts[2] if not training else None
 
     def call(self, y, d_prev=None, training=None):
@@ -165,13 +187,16 @@ class CGBlock(keras.layers.Layer):
             y_y = self.proj_y_bn(self.proj_y_conv(y), training=training)
         else:
             y_g = y_y = y
-        g = y_g + g1 + g2 + g3
+        if self.branch_filters is None:
+            g = y_g + g1 + g2 + g3
+        else:  # eq. 18
+            g = y_g + ops.concatenate([g1, g2, g3], axis=channel_axis(self.data_format))
         d = -g if self.first_step else -g + ops.cast(self.beta, g.dtype) * d_prev
         y_next = y_y + ops.cast(self.alpha, d.dtype) * d
         return y_next, d
 
     def compute_output_shape(self, y_shape, d_prev_shape=None):
-        out = self.conv1.compute_output_shape(y_shape)
+        out = self.conv3.compute_output_shape(y_shape)
         return out, out
 
     def get_config(self):
@@ -185,6 +210,8 @@ class CGBlock(keras.layers.Layer):
                 "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
                 "data_format": self.data_format,
                 "fused": self.fused,
+                "rank": self.rank,
+                "branch_filters": self.branch_filters,
             }
         )
         return config

@@ -9,6 +9,20 @@ def check_positive_int(name, value):
     return value
 
 
+def check_branch_filters(branch_filters, filters):
+    """None, or three positive ints summing to ``filters`` (returned as a tuple)."""
+    if branch_filters is None:
+        return None
+    values = tuple(branch_filters) if isinstance(branch_filters, (list, tuple)) else ()
+    if (len(values) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+                                for v in values) or sum(values) != filters):
+        raise ValueError(
+            "`branch_filters` must be None or three positive ints (f1, f2, f4) summing to "
+            f"`filters`={filters}. Received: branch_filters={branch_filters!r}"
+        )
+    return values
+
+
 def check_dropout_rate(value, name="dropout_rate"):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise ValueError(f"`{name}` must be a float in [0, 1). Received: {name}={value!r}")
@@ -19,11 +33,20 @@ def channel_axis(data_format):
     return -1 if data_format == "channels_last" else 1
 
 
-def check_image_shape(input_shape, layer_name, data_format):
-    """Validates a rank-4 image shape with known channels and returns the channel count."""
-    if len(input_shape) != 4:
+def check_rank(rank):
+    """1 (temporal convolutions, text) or 2 (images)."""
+    if rank not in (1, 2) or isinstance(rank, bool):
+        raise ValueError(f"`rank` must be 1 (sequences) or 2 (images). Received: rank={rank!r}")
+    return rank
+
+
+def check_image_shape(input_shape, layer_name, data_format, rank=2):
+    """Validates a rank-4 image (rank-3 sequence for ``rank=1``) shape with known channels
+    and returns the channel count."""
+    if len(input_shape) != rank + 2:
+        dims = "(batch, height, width, channels)" if rank == 2 else "(batch, steps, channels)"
         raise ValueError(
-            f"{layer_name} expects a rank-4 input (batch, height, width, channels) for "
+            f"{layer_name} expects a rank-{rank + 2} input {dims} for "
             f"data_format={data_format!r}. Received: input_shape={tuple(input_shape)}"
         )
     channels = input_shape[channel_axis(data_format)]
@@ -35,9 +58,10 @@ def check_image_shape(input_shape, layer_name, data_format):
     return channels
 
 
-def conv(filters, kernel_size, strides, name, kernel_regularizer, data_format):
-    """He-normal, bias-free convolution (a BatchNormalization always follows)."""
-    return keras.layers.Conv2D(
+def conv(filters, kernel_size, strides, name, kernel_regularizer, data_format, rank=2):
+    """He-normal, bias-free convolution (a BatchNormalization always follows);
+    ``rank=1`` gives a temporal ``Conv1D``."""
+    return (keras.layers.Conv1D if rank == 1 else keras.layers.Conv2D)(
         filters,
         kernel_size,
         strides=strides,
@@ -64,3 +88,4 @@ def standardize_data_format(data_format):
             f"Received: data_format={data_format!r}"
         )
     return data_format
+

@@ -6,9 +6,11 @@ from keras import ops
 from keras_newton.layers.cg_block import CGBlock
 from keras_newton.layers.common import (
     batch_norm,
+    check_branch_filters,
     check_dropout_rate,
     check_image_shape,
     check_positive_int,
+    check_rank,
     conv,
     standardize_data_format,
 )
@@ -32,6 +34,10 @@ class NewtonCGBlock(keras.layers.Layer):
         kernel_regularizer: optional regularizer for the convolution kernels.
         data_format: ``"channels_last"`` or ``"channels_first"``.
         fused: use the fused convolutions of `CGBlock` (same weights and outputs).
+        branch_filters: None, or ``(f1, f2, f4)`` for concatenated branches (eq. 18;
+            see `CGBlock`).
+        rank: 2 (default) for images, 1 for sequences (temporal convolutions of
+            size 3; the text model of Section 4.2); see `CGBlock`.
         **kwargs: standard layer arguments.
 
     Call arguments:
@@ -57,12 +63,16 @@ class NewtonCGBlock(keras.layers.Layer):
         kernel_regularizer=None,
         data_format=None,
         fused=True,
+        branch_filters=None,
+        rank=2,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.fused = bool(fused)
+        self.rank = check_rank(rank)
         self.num_cg_blocks = check_positive_int("num_cg_blocks", num_cg_blocks)
         self.filters = check_positive_int("filters", filters)
+        self.branch_filters = check_branch_filters(branch_filters, self.filters)
         self.strides = check_positive_int("strides", strides)
         self.dropout_rate = check_dropout_rate(dropout_rate)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
@@ -76,19 +86,21 @@ class NewtonCGBlock(keras.layers.Layer):
                 kernel_regularizer=self.kernel_regularizer,
                 data_format=self.data_format,
                 fused=self.fused,
+                rank=self.rank,
+                branch_filters=self.branch_filters,
                 name=f"cg{t}",
             )
             for t in range(num_cg_blocks)
         ]
         self.proj_conv = conv(filters, 1, strides, "proj_conv", self.kernel_regularizer,
-                              self.data_format)
+                              self.data_format, self.rank)
         self.proj_bn = batch_norm("proj_bn", self.data_format)
         self.use_projection = None
 
     def build(self, input_shape):
-        in_channels = check_image_shape(input_shape, "NewtonCGBlock", self.data_format)
+        in_channels = check_image_shape(input_shape, "NewtonCGBlock", self.data_format, self.rank)
         self.cg_blocks[0].build(input_shape)
-        out_shape = self.cg_blocks[0].conv1.compute_output_shape(input_shape)
+        out_shape = self.cg_blocks[0].conv3.compute_output_shape(input_shape)
         for block in self.cg_blocks[1:]:
             block.build(out_shape, out_shape)
         self.use_projection = self.strides != 1 or in_channels != self.filters
@@ -105,7 +117,7 @@ class NewtonCGBlock(keras.layers.Layer):
         return ops.relu(skip + y)
 
     def compute_output_shape(self, input_shape):
-        return self.cg_blocks[0].conv1.compute_output_shape(input_shape)
+        return self.cg_blocks[0].conv3.compute_output_shape(input_shape)
 
     def get_config(self):
         config = super().get_config()
@@ -118,6 +130,8 @@ class NewtonCGBlock(keras.layers.Layer):
                 "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
                 "data_format": self.data_format,
                 "fused": self.fused,
+                "rank": self.rank,
+                "branch_filters": self.branch_filters,
             }
         )
         return config

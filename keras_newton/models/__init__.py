@@ -4,6 +4,12 @@ import re
 
 from keras_newton.models import newton_cgnet as _ncg
 from keras_newton.models import resnet as _resnet
+from keras_newton.models.imagenet import (
+    IMAGENET_MODELS,
+    IMAGENET_PAPER_PARAMS,
+    NewtonCGNet34,
+    ResNet34,
+)
 from keras_newton.models.newton_cgnet import (
     NewtonCGNet10,
     NewtonCGNet16,
@@ -31,8 +37,19 @@ from keras_newton.models.resnet import (
     plainnet,
     resnet,
 )
+from keras_newton.models.text import (
+    TEXT_MODELS,
+    TEXT_PAPER_PARAMS,
+    TEXT_PARAMS_NOTE,
+    VDCNN9,
+    VDCNN17,
+    VDCNN29,
+    NewtonCGNetText,
+    newton_cgnet_text,
+    vdcnn,
+)
 
-# Parameter counts of the paper's Table 3 (millions); None where it gives none.
+# Parameter counts of the paper's Tables 3 and 5 (millions); None where it gives none.
 PAPER_PARAMS = {
     "newton_cgnet10": 0.29, "newton_cgnet16": 0.48, "newton_cgnet22": 0.68,
     "newton_cgnet28": 0.87, "newton_cgnet56": 1.70, "newton_cgnet82": 2.62,
@@ -43,6 +60,12 @@ PAPER_PARAMS = {
 MODELS = {f"newton_cgnet{d}": getattr(_ncg, f"NewtonCGNet{d}") for d in _ncg.SPECS}
 MODELS.update({f"resnet{d}": getattr(_resnet, f"ResNet{d}") for d in _resnet.RESNET_DEPTHS})
 MODELS.update({f"plainnet{d}": getattr(_resnet, f"PlainNet{d}") for d in _resnet.RESNET_DEPTHS})
+# ImageNet (224x224, 1000 classes; Section 4.1.5).
+MODELS.update(IMAGENET_MODELS)
+PAPER_PARAMS.update(IMAGENET_PAPER_PARAMS)
+# Character-level text (int32 character ids of length 1024; Section 4.2).
+MODELS.update(TEXT_MODELS)
+PAPER_PARAMS.update(TEXT_PAPER_PARAMS)
 
 
 def canonical_name(name):
@@ -65,5 +88,7 @@ __all__ = [
     "NewtonCGNet10", "NewtonCGNet16", "NewtonCGNet22", "NewtonCGNet28", "NewtonCGNet56",
     "NewtonCGNet82", "NewtonCGNet110",
     "ResNet20", "ResNet32", "ResNet44", "ResNet56", "ResNet110", "ResNet164",
+    "NewtonCGNet34", "ResNet34", "NewtonCGNetText", "VDCNN9", "VDCNN17", "VDCNN29",
+    "newton_cgnet_text", "vdcnn", "TEXT_PARAMS_NOTE",
     "PlainNet20", "PlainNet32", "PlainNet44", "PlainNet56", "PlainNet110", "PlainNet164",
 ]

@@ -111,6 +111,7 @@ def classifier(
             activation=classifier_activation,
             kernel_initializer="glorot_uniform",
             kernel_regularizer=regularizer,
+            dtype="float32",  # float32 logits also under a mixed-precision policy
             name="predictions",
         )(x)
     elif pooling == "avg":

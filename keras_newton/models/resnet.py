@@ -15,7 +15,8 @@ from keras_newton.models.newton_cgnet import WIDTHS
 RESNET_DEPTHS = (20, 32, 44, 56, 110, 164)
 
 
-def _basic_block(x, filters, strides, shortcut, name, data_format, regularizer):
+def basic_block(x, filters, strides, shortcut, name, data_format, regularizer):
+    """Two 3x3 conv + BN (ReLU between), the shortcut added before the last ReLU."""
     in_channels = x.shape[-1 if data_format == "channels_last" else 1]
     y = conv(filters, 3, strides, f"{name}_conv1", regularizer, data_format)(x)
     y = batch_norm(f"{name}_bn1", data_format)(y)
@@ -43,7 +44,7 @@ def _stack(depth, shortcut, family, **kwargs):
         for s, width in enumerate(WIDTHS):
             for b in range(n):
                 strides = 2 if s > 0 and b == 0 else 1
-                x = _basic_block(x, width, strides, shortcut, f"stage{s + 1}_block{b + 1}",
+                x = basic_block(x, width, strides, shortcut, f"stage{s + 1}_block{b + 1}",
                                  data_format, kernel_regularizer)
         return x
 

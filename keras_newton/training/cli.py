@@ -7,8 +7,9 @@ import argparse
 import shlex
 import sys
 
-HELP = ("Train a Newton-CGNet or baseline on CIFAR-10/100, SVHN or your own images with the "
-        "paper's recipe; rerun the same command to resume an interrupted run.")
+HELP = ("Train a Newton-CGNet or baseline on CIFAR-10/100, SVHN, ImageNet, your own images or "
+        "a text dataset (AG News, ...) with the paper's recipe; rerun the same command to "
+        "resume an interrupted run.")
 
 _RECIPE_FLAGS = (
     # flag, recipe key, type, help
@@ -33,7 +34,8 @@ def add_arguments(parser):
                         help="model name, e.g. newton_cgnet56, resnet110 (see `keras-newton "
                              "models`)")
     parser.add_argument("--dataset", required=True,
-                        help="cifar10, cifar100, svhn, or folder (your own images, with --data)")
+                        help="cifar10, cifar100, svhn, imagenet, folder (your own images, with "
+                             "--data), or a text dataset: ag_news, yelp_polarity, dbpedia, ...")
     parser.add_argument("--data", default=None,
                         help="offline source: folder or tar/zip archive of "
                              "split/<class>/<image> files (decoded once, cached under "
@@ -57,6 +59,12 @@ def add_arguments(parser):
                              "--lr-factor (0.5 0.75)")
     parser.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
                         help="Nesterov momentum (on)")
+    parser.add_argument("--mixed-precision", action="store_true",
+                        help="bf16 compute with float32 variables (mixed_bfloat16), for GPUs")
+    parser.add_argument("--sequence-length", type=int, default=None,
+                        help="text models: characters per text (1024, the paper's s)")
+    parser.add_argument("--hidden-units", type=int, default=None,
+                        help="text models: width of the two hidden FC layers (2048)")
     parser.add_argument("--no-test", dest="evaluate_test", action="store_false",
                         help="skip the final test-split evaluation")
     parser.add_argument("--overwrite", action="store_true",
@@ -72,11 +80,17 @@ def run(args):
     overrides.update(lr_milestones=args.lr_milestones, nesterov=args.nesterov)
     argv = getattr(args, "argv", None) or sys.argv[1:]
     command = shlex.join(["keras-newton", *argv])
+    from keras_newton.training.text import run_text_cli
+
+    code = run_text_cli(args, overrides, command)  # None: not a text model or dataset
+    if code is not None:
+        return code
     try:
         summary = train(
             model=args.model, dataset=args.dataset, data=args.data, out=args.out,
             augment=args.augment, distribute=args.distribute, limit=args.limit, seed=args.seed,
             verbose=args.verbose, overwrite=args.overwrite, evaluate_test=args.evaluate_test,
+            mixed_precision=args.mixed_precision,
             command=command, **overrides,
         )
     except LossDivergedError as e:

@@ -10,6 +10,12 @@ matching ``keras-newton train`` flag).
 - Dropout 0.2 on C10+/C100+, 0.3 on SVHN, 0.4 on C10/C100 (no augmentation).
 - Validation hold-out: 5,000 training images on CIFAR, 6,000 on SVHN; SVHN trains on
   all its training data (``train+extra``, 604,388 images, as in the works it follows).
+- ImageNet: 100 epochs, batch 256, dropout 0.2, lr / 10 at epochs 30, 60, 90; its
+  training views are always augmented (random-resized crop, flip) and the 50,000
+  validation images are the validation set.
+- Text (Section 4.2, recipe "TEXT"): 100 epochs, weight decay 5e-5, dropout 0.1, same
+  SGD and schedule; 1,600 items held out for validation (the AG News CSV of 7,600
+  items splits 6,000 / 1,600).
 - The model with the lowest validation error is kept.
 """
 
@@ -31,17 +37,31 @@ RECIPES = {
     "C10+": {**_CIFAR, "augment": True, "dropout": 0.2},
     "C100": {**_CIFAR, "augment": False, "dropout": 0.4},
     "C100+": {**_CIFAR, "augment": True, "dropout": 0.2},
+    # Section 4.1.5; weight decay 1e-4 as in the ResNet it modifies (He et al. 2016).
+    "ImageNet": {**_COMMON, "epochs": 100, "batch_size": 256, "weight_decay": 1e-4,
+                 "dropout": 0.2, "augment": True, "lr_milestones": [0.3, 0.6, 0.9],
+                 "val_size": 50000},
     "SVHN": {**_COMMON, "epochs": 40, "weight_decay": 1e-4, "dropout": 0.3, "augment": False,
              "train_split": "train+extra", "val_size": 6000},
+    "TEXT": {**_COMMON, "epochs": 100, "weight_decay": 5e-5, "dropout": 0.1, "augment": False,
+             "val_size": 1600},
 }
 
 # keras_newton.data dataset name -> paper name (without "+"). Your own images ("folder")
 # get the CIFAR recipe.
-DATASET_RECIPES = {"cifar10": "C10", "cifar100": "C100", "svhn": "SVHN", "folder": "C10"}
+DATASET_RECIPES = {"imagenet": "ImageNet",
+                   "cifar10": "C10", "cifar100": "C100", "svhn": "SVHN", "folder": "C10"}
+# Every text dataset (keras_newton.data.text.TEXT_DATASETS) gets the text recipe.
+TEXT_RECIPE = "TEXT"
 
 
 def recipe_name(dataset, augment):
     """Returns the paper's name of the recipe, e.g. ``("cifar10", True) -> "C10+"``."""
+    if dataset not in DATASET_RECIPES:
+        from keras_newton.data.text import is_text_dataset
+
+        if is_text_dataset(dataset):
+            return TEXT_RECIPE
     base = DATASET_RECIPES[dataset]
     return f"{base}+" if augment and f"{base}+" in RECIPES else base
 
@@ -58,7 +78,8 @@ def get_recipe(dataset, augment=False, **overrides):
         A dict with every key of ``RECIPES[...]`` plus ``"recipe"`` (its name).
     """
     name = recipe_name(dataset, augment)
-    recipe = {**RECIPES[name], "augment": bool(augment), "recipe": name}
+    # ImageNet's training views are always augmented (random-resized crop and flip).
+    recipe = {**RECIPES[name], "augment": bool(augment) or name == "ImageNet", "recipe": name}
     for key, value in overrides.items():
         if key not in recipe:
             raise ValueError(f"Unknown recipe key. Valid keys: {sorted(RECIPES[name])}. "

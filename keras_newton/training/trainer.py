@@ -17,11 +17,11 @@ from keras_newton.data import (
     canonical_dataset,
     holdout_split,
     load_dataset,
-    make_dataset,
     normalization,
 )
 from keras_newton.data.image_folder import check_source, source_key
-from keras_newton.models import MODELS, canonical_name
+from keras_newton.data.pipeline import batches
+from keras_newton.models import MODELS, TEXT_MODELS, canonical_name
 from keras_newton.training import callbacks as cb
 from keras_newton.training.distribute import fix_multiworker_build, get_distribution
 from keras_newton.training.recipes import get_recipe
@@ -59,9 +59,10 @@ def compile_for_recipe(model, recipe, steps_per_epoch):
 
 
 def _tensorboard(log_dir):
-    if importlib.util.find_spec("tensorboard") is None:
-        warnings.warn("TensorBoard logs are skipped: the `tensorboard` package is not "
-                      "installed (pip install tensorboard).", stacklevel=3)
+    missing = [p for p in ("tensorboard", "tensorflow") if importlib.util.find_spec(p) is None]
+    if missing:  # Keras writes TensorBoard logs with tf.summary
+        warnings.warn(f"TensorBoard logs are skipped: {' and '.join(missing)} not installed "
+                      f"(pip install {' '.join(missing)}).", stacklevel=3)
         return []
     return [keras.callbacks.TensorBoard(str(log_dir))]
 
@@ -120,7 +121,37 @@ def _split_data(dataset, data, recipe, limit, seed, cache_dir):
     return train, val, source.class_names
 
 
+def _streaming_pipelines(data, recipe, limit, seed):
+    """ImageNet: streamed training and validation pipelines (keras_newton.data.imagenet)."""
+    from keras_newton.data import imagenet
+
+    batch = recipe["batch_size"]
+    train_ds, n_train, class_names = imagenet.imagenet_dataset(
+        "train", data, batch, seed=seed, limit=limit)
+    val_ds, n_val, _ = imagenet.imagenet_dataset("val", data, batch, limit=limit)
+    preprocessing = {"mode": "imagenet", "mean": list(imagenet.IMAGENET_MEAN),
+                     "std": list(imagenet.IMAGENET_STD)}
+    size = imagenet.IMAGE_SIZE
+    return train_ds, val_ds, n_train, n_val, class_names, preprocessing, (size, size)
+
+
+def _in_memory_pipelines(dataset, data, recipe, limit, seed, cache_dir, norm_mode):
+    (x_train, y_train), (x_val, y_val), class_names = _split_data(
+        dataset, data, recipe, limit, seed, cache_dir
+    )
+    preprocessing = normalization(norm_mode, x_train)
+    batch = recipe["batch_size"]
+    train_ds = batches(x_train, y_train, batch, preprocessing["mean"], preprocessing["std"],
+                       training=True, augment=recipe["augment"], seed=seed)
+    val_ds = batches(x_val, y_val, batch, preprocessing["mean"], preprocessing["std"],
+                     training=False)
+    return (train_ds, val_ds, len(y_train), len(y_val), class_names, preprocessing,
+            tuple(x_train.shape[1:3]))
+
+
 def _test_split(dataset, data, cache_dir):
+    if DATASETS[dataset].get("streaming"):
+        return None
     if data is None or "test" in available_splits(dataset, data, cache_dir):
         return load_dataset(dataset, data, "test", cache_dir)
     return None
@@ -141,6 +172,7 @@ def train(
     callbacks=(),
     command=None,
     cache_dir=None,
+    mixed_precision=False,
     **overrides,
 ):
     """Trains a registered model on a dataset with the paper's recipe, resumably.
@@ -171,6 +203,8 @@ def train(
         callbacks: extra Keras callbacks (after the run's own).
         command: the command line, recorded in the summary.
         cache_dir: cache root for local sources.
+        mixed_precision: build the model with the ``"mixed_bfloat16"`` policy (bf16
+            compute, float32 variables and classifier), for GPUs.
         **overrides: recipe values (``lr``, ``batch_size``, ``epochs``,
             ``weight_decay``, ``dropout``, ``momentum``, ``nesterov``, ``lr_milestones``,
             ``lr_factor``, ``val_size``, ``train_split``).
@@ -183,6 +217,10 @@ def train(
         LossDivergedError: when the loss becomes NaN or Inf.
     """
     model_name = canonical_name(model)
+    if model_name in TEXT_MODELS:
+        raise ValueError(f"{model_name} is a text model: train it with "
+                         "keras_newton.training.text.train_text (or `keras-newton train` with "
+                         f"a text dataset). Received: model={model!r}")
     dataset = canonical_dataset(dataset)
     spec = DATASETS[dataset]
     builder = MODELS[model_name]
@@ -217,21 +255,26 @@ def train(
         "data": str(data.resolve()) if data is not None else None,
         "data_key": source_key(data) if data is not None else None,
         "limit": limit, "seed": seed, **recipe,
+        # Only when set, so that runs from before the option still resume.
+        **({"mixed_precision": True} if mixed_precision else {}),
     }
     resuming = _check_out(run_out, config, overwrite)
 
     keras.utils.set_random_seed(seed)
-    (x_train, y_train), (x_val, y_val), class_names = _split_data(
-        dataset, data, recipe, limit, seed, cache_dir
-    )
-    steps_per_epoch = len(y_train) // recipe["batch_size"]
+    if spec.get("streaming"):
+        pipelines = _streaming_pipelines(data, recipe, limit, seed)
+    else:
+        pipelines = _in_memory_pipelines(dataset, data, recipe, limit, seed, cache_dir,
+                                         spec["normalization"])
+    train_ds, val_ds, n_train, n_val, class_names, norm, image_size = pipelines
+    steps_per_epoch = n_train // recipe["batch_size"]
     if steps_per_epoch < 1:
-        raise ValueError(f"`batch_size` is larger than the {len(y_train)} training images. "
+        raise ValueError(f"`batch_size` is larger than the {n_train} training images. "
                          f"Received: batch_size={recipe['batch_size']}")
     preprocessing = {
-        **normalization(spec["normalization"], x_train),
+        **norm,
         "formula": "(x - mean) / std on RGB pixels x in [0, 255], NHWC float32",
-        "image_size": list(x_train.shape[1:3]),
+        "image_size": list(image_size),
         "class_names": class_names,
     }
     run_out.mkdir(parents=True, exist_ok=True)
@@ -240,14 +283,16 @@ def train(
 
     mean, std = preprocessing["mean"], preprocessing["std"]
     batch = recipe["batch_size"]
-    train_ds = make_dataset(x_train, y_train, batch, mean, std, training=True,
-                            augment=recipe["augment"], seed=seed)
-    val_ds = make_dataset(x_val, y_val, batch, mean, std, training=False)
 
     with dist.scope():
         kwargs = {"dropout_rate": recipe["dropout"]} if has_dropout else {}
-        net = builder(classes=len(class_names), input_shape=(*x_train.shape[1:3], 3),
-                      weight_decay=recipe["weight_decay"], **kwargs)
+        policy = keras.config.dtype_policy()
+        keras.config.set_dtype_policy("mixed_bfloat16" if mixed_precision else "float32")
+        try:
+            net = builder(classes=len(class_names), input_shape=(*image_size, 3),
+                          weight_decay=recipe["weight_decay"], **kwargs)
+        finally:
+            keras.config.set_dtype_policy(policy)
         compile_for_recipe(net, recipe, steps_per_epoch)
         if dist.kind == "multiworker":
             fix_multiworker_build(net)
@@ -275,7 +320,7 @@ def train(
         test_accuracy = None
         test = _test_split(dataset, data, cache_dir) if evaluate_test else None
         if test is not None:
-            test_ds = make_dataset(test.images, test.labels, batch, mean, std, training=False)
+            test_ds = batches(test.images, test.labels, batch, mean, std, training=False)
             test_accuracy = float(net.evaluate(test_ds, verbose=0, return_dict=True)["accuracy"])
         net.save(run_out / MODEL_KERAS)
 
@@ -289,8 +334,8 @@ def train(
         "recipe": recipe,
         "limit": limit,
         "seed": seed,
-        "train_images": int(len(y_train)),
-        "val_images": int(len(y_val)),
+        "train_images": int(n_train),
+        "val_images": int(n_val),
         "steps_per_epoch": steps_per_epoch,
         "preprocessing": preprocessing,
         "best_val_accuracy": best["value"],
@@ -302,6 +347,7 @@ def train(
         "epoch_seconds": seconds,
         "wall_seconds_this_session": round(time.time() - started, 1),
         "params": int(net.count_params()),
+        "mixed_precision": bool(mixed_precision),
         "distribute": dist.kind,
         "replicas": dist.num_replicas,
         "backend": keras.backend.backend(),

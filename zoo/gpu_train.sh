@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Trains Newton-CGNet-56 and -82 on the CIFAR-10 (JPEG-75) archive on one GPU, in one call.
+#
+# For a lent device machine (see the device tool): JAX backend, bf16 mixed precision, the
+# "+" augmentation, the paper's C10+ recipe with fewer epochs, NumPy input pipeline (that
+# machine has no TensorFlow). Prepare here, in the repository root:
+#   mkdir -p .whl .data && cp ../shared/wheels/gpu-py312/*.whl .whl/ \
+#     && cp ../shared/datasets/cifar10-jpeg/train.tar.xz .data/
+#   (both folders are in .git/info/exclude), then run with carry [".whl", ".data"]:
+#   bash zoo/gpu_train.sh
+# It writes to $OUT (default out/gpu) one tar per model: the run folder (best weights,
+# config, preprocessing, history, curves, summary) without backup/, logs/ and model.keras.
+# Here: `tar -C runs -xf newton_cgnet82.tar && keras-newton zoo add --run
+# runs/newton_cgnet82 --tag cifar10` (evaluates and registers it). A run stopped by its
+# time limit has no summary.json: rerun it with more time, or fewer epochs.
+#
+# Environment: DEPTHS (default "56 82"), EPOCHS_<depth> (default 20), SECONDS_<depth>
+# (time limit; default 200 for 56, 280 for 82: a model stopped by it still returns its
+# best weights so far), DATA (the archive), LIMIT (training images, for a smoke test),
+# OUT, RUNS (run folders, default /tmp/runs), EXTRA_ARGS (more `keras-newton train` flags).
+#
+# Tested on CPU (tests/test_training.py::test_gpu_script_without_tensorflow) with
+# TensorFlow hidden, DEPTHS=10, 1 epoch, on a small archive.
+set -uo pipefail
+
+DEPTHS=${DEPTHS:-56 82}
+SECONDS_56=${SECONDS_56:-200}
+SECONDS_82=${SECONDS_82:-280}
+DATA=${DATA:-.data/train.tar.xz}
+OUT=${OUT:-out/gpu}
+RUNS=${RUNS:-/tmp/runs}
+LIMIT=${LIMIT:-}
+
+if [ -d .whl ] && ! python3 -c "import keras" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export KERAS_BACKEND=jax PYTHONUNBUFFERED=1 KERAS_NEWTON_HOME=${KERAS_NEWTON_HOME:-/tmp/kn}
+[ -f "$DATA" ] || { echo "gpu_train.sh: no archive at DATA=$DATA" >&2; exit 2; }
+mkdir -p "$OUT" "$RUNS"
+python3 -c "import jax, keras; print('jax', jax.__version__, jax.devices(), 'keras', keras.__version__)"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+
+status=0
+for depth in $DEPTHS; do
+  model=newton_cgnet$depth
+  epochs_var=EPOCHS_$depth; seconds_var=SECONDS_$depth
+  epochs=${!epochs_var:-20}; seconds=${!seconds_var:-600}
+  echo "== $model: $epochs epochs, at most $seconds s"
+  start=$SECONDS
+  timeout "$seconds" python3 -m keras_newton train --model "$model" --dataset cifar10 \
+    --data "$DATA" --augment --mixed-precision --epochs "$epochs" --no-test \
+    --out "$RUNS/$model" --verbose 2 ${LIMIT:+--limit "$LIMIT"} ${EXTRA_ARGS:-}
+  code=$?
+  echo "== $model: exit $code after $((SECONDS - start)) s"
+  [ "$code" = 0 ] || status=$code
+  # The run folder without its backup, logs and model.keras, and the best weights without
+  # the optimizer's momentum (about 11 MB for -82; the tool returns files up to 16 MB).
+  if [ -f "$RUNS/$model/best.weights.h5" ]; then
+    python3 -c "import h5py, sys
+with h5py.File(sys.argv[1]) as src, h5py.File(sys.argv[2], 'w') as dst:
+    for key in src:
+        if key != 'optimizer':
+            src.copy(key, dst)" "$RUNS/$model/best.weights.h5" "$RUNS/$model/best.weights.small"
+    mv "$RUNS/$model/best.weights.small" "$RUNS/$model/best.weights.h5"
+  fi
+  [ -d "$RUNS/$model" ] && tar -C "$RUNS" -cf "$OUT/$model.tar" --exclude=backup \
+    --exclude=logs --exclude=model.keras "$model"
+done
+ls -la "$OUT"
+exit $status
