@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 import pytest
-from helpers import run_python
+from helpers import arr, reference_params, run_python
 from reference import newton_cg_block
 
 from keras_newton.layers import CGBlock, NewtonCGBlock
@@ -22,34 +22,6 @@ def randomize(layer, rng):
             scale = 0.3 if len(w.shape) == 4 else 0.5
             value = rng.normal(0.0, scale, w.shape)
         w.assign(np.asarray(value, dtype="float32"))
-
-
-def arr(v):
-    return np.asarray(keras.ops.convert_to_numpy(v), dtype="float64")
-
-
-def bn_params(bn):
-    return tuple(arr(v) for v in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance))
-
-
-def reference_params(block):
-    """Copies the Keras weights into the plain dicts of tests/reference.py."""
-    blocks = []
-    for cg in block.cg_blocks:
-        p = {"alpha": arr(cg.alpha)}
-        if cg.beta is not None:
-            p["beta"] = arr(cg.beta)
-        pairs = [("w1", cg.conv1, cg.bn1), ("w2", cg.conv2, cg.bn2),
-                 ("w3", cg.conv3, cg.bn3), ("w4", cg.conv4, cg.bn4)]
-        if cg.use_projection:
-            pairs += [("proj_g", cg.proj_g_conv, cg.proj_g_bn),
-                      ("proj_y", cg.proj_y_conv, cg.proj_y_bn)]
-        for key, conv, bn in pairs:
-            p[key + "_w"], p[key + "_bn"] = arr(conv.kernel), bn_params(bn)
-        blocks.append(p)
-    proj = (arr(block.proj_conv.kernel), bn_params(block.proj_bn)) if block.use_projection \
-        else None
-    return blocks, proj
 
 
 @pytest.mark.parametrize("fused", [True, False])

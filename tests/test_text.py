@@ -8,7 +8,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from helpers import run_python
+from helpers import arr, reference_params, run_python
 from reference import newton_cg_block
 
 from keras_newton.data.text import (
@@ -34,10 +34,6 @@ AG_NEWS = (Path(os.environ.get("KERAS_NEWTON_DATA", REPO.parent / "shared" / "da
 needs_tf = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                               reason="TensorFlow-only (SavedModel / eager tf.string)")
 agnostic = pytest.mark.backend_agnostic
-
-
-def arr(v):
-    return np.asarray(keras.ops.convert_to_numpy(v), dtype="float64")
 
 
 def kmax_reference(x, k):
@@ -106,28 +102,6 @@ def test_kmax_pooling_contract():
 
 
 # ------------------------------------------------------------- temporal Newton-CG Block
-def _reference_params_1d(block):
-    """The rank-1 block's weights as 1 x k kernels for the 2-D NumPy reference."""
-    def bn(b):
-        return tuple(arr(v) for v in (b.gamma, b.beta, b.moving_mean, b.moving_variance))
-
-    blocks = []
-    for cg in block.cg_blocks:
-        p = {"alpha": arr(cg.alpha)}
-        if cg.beta is not None:
-            p["beta"] = arr(cg.beta)
-        pairs = [("w1", cg.conv1, cg.bn1), ("w2", cg.conv2, cg.bn2),
-                 ("w3", cg.conv3, cg.bn3), ("w4", cg.conv4, cg.bn4)]
-        if cg.use_projection:
-            pairs += [("proj_g", cg.proj_g_conv, cg.proj_g_bn),
-                      ("proj_y", cg.proj_y_conv, cg.proj_y_bn)]
-        for key, conv, norm in pairs:
-            p[key + "_w"], p[key + "_bn"] = arr(conv.kernel)[None], bn(norm)
-        blocks.append(p)
-    proj = (arr(block.proj_conv.kernel)[None], bn(block.proj_bn)) if block.use_projection \
-        else None
-    return blocks, proj
-
 
 @agnostic
 @pytest.mark.parametrize("fused", [True, False])
@@ -143,8 +117,8 @@ def test_temporal_newton_cg_block_matches_numpy_algorithm2(in_channels, filters,
         w.assign(rng.uniform(low, high, w.shape).astype("float32"))
     assert block.cg_blocks[0].conv1.kernel.shape == (3, in_channels, filters)
     got = arr(block(x, training=False))
-    want = newton_cg_block(x[:, None].astype("float64"), *_reference_params_1d(block),
-                           strides)[:, 0]
+    blocks, proj = reference_params(block, lambda k: k[None])  # (k, cin, cout) -> 1 x k
+    want = newton_cg_block(x[:, None].astype("float64"), blocks, proj, strides)[:, 0]
     assert got.shape == (2, -(-11 // strides), filters)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
