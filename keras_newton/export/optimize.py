@@ -95,7 +95,6 @@ def _scalar(var):
     return float(keras.ops.convert_to_numpy(var))
 
 
-@keras.saving.register_keras_serializable(package="keras_newton")
 def _widen(kernel, bias, start, filters):
     """Places a branch's output channels at ``start`` of ``filters`` zero channels."""
     wide_k = np.zeros((*kernel.shape[:-1], filters))
@@ -105,6 +104,7 @@ def _widen(kernel, bias, start, filters):
     return wide_k, wide_b
 
 
+@keras.saving.register_keras_serializable(package="keras_newton")
 class FoldedNewtonCGBlock(keras.layers.Layer):
     """Inference-only Newton-CG Block: BN folded, each CG Block's reads of ``y`` merged.
 
