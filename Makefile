@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint clean
+.PHONY: demo test test-all test-fast lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +18,13 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# The whole suite on TensorFlow (slow-marked tests included), then the
-# backend-agnostic layer/model tests on JAX.
+# The suite on TensorFlow (slow-marked tests included, heavy ones left out), then
+# the backend-agnostic layer/model tests on JAX. `make test-all` adds the heavy tests.
 test: lint
+	KERAS_BACKEND=tensorflow $(BIN)/pytest -q -p no:cacheprovider -m "not heavy"
+	KERAS_BACKEND=jax $(BIN)/pytest -q -p no:cacheprovider -m "backend_agnostic and not heavy"
+
+test-all: lint
 	KERAS_BACKEND=tensorflow $(BIN)/pytest -q -p no:cacheprovider
 	KERAS_BACKEND=jax $(BIN)/pytest -q -p no:cacheprovider -m backend_agnostic
 

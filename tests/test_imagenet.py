@@ -166,6 +166,7 @@ def test_pipeline_bad_input(image_folder, tmp_path):
 
 
 @pytest.mark.slow  # ~60 s: a 21.7M-parameter model at 224x224 on CPU
+@pytest.mark.heavy
 def test_train_end_to_end(image_folder, tmp_path):
     """keras-newton train --dataset imagenet on a tiny folder: the recipe and the stream."""
     from keras_newton.training import train

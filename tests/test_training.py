@@ -232,6 +232,7 @@ def test_cli_reports_bad_input_cleanly(tmp_path, capsys):
 
 
 @pytest.mark.slow  # about 2 minutes: JAX compiles Newton-CGNet-10 on CPU
+@pytest.mark.heavy
 def test_gpu_script_without_tensorflow(tmp_path):
     """zoo/gpu_train.sh as on the GPU machine: JAX, bf16, TensorFlow absent, one tar back."""
     import os

@@ -283,6 +283,7 @@ def test_killed_search_resumes_without_redoing_finished_trials(images, tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("tuner, family, epochs", [("bayesian", "both", 1),
                                                    ("hyperband", "resnet", 2)])
 def test_other_tuners_and_families(images, tmp_path, tuner, family, epochs):
@@ -317,6 +318,7 @@ def test_figure4_points_and_plot(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_figure4_preset_runs_its_sweeps(images, tmp_path):
     directory = tmp_path / "fig4"
     summary = figure4("8-{1,1,1}", "folder", str(images), lrs=(0.05, 0.1),
