@@ -14,6 +14,7 @@ from keras_newton.data.text import (
     make_text_dataset,
     stratified_split,
 )
+from keras_newton.models import canonical_name
 from keras_newton.models.text import SEQUENCE_LENGTH, TEXT_MODELS
 from keras_newton.training import callbacks as cb
 from keras_newton.training.distribute import get_distribution
@@ -33,8 +34,10 @@ from keras_newton.training.trainer import (
 
 def canonical_text_model(name):
     """``"NewtonCGNet-Text"``, ``"VDCNN-17"`` -> ``"newton_cgnet_text"``, ``"vdcnn17"``."""
-    key = str(name).strip().lower().replace("-", "_").replace(" ", "_")
-    key = key.replace("newtoncgnet", "newton_cgnet").replace("vdcnn_", "vdcnn")
+    try:
+        key = canonical_name(name)  # the registry's spelling rules
+    except ValueError:
+        key = None
     if key not in TEXT_MODELS:
         raise ValueError(f"Unknown text model. Valid names: {sorted(TEXT_MODELS)}. "
                          f"Received: model={name!r}")
