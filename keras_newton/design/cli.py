@@ -18,9 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser):
                         help="stop when |F(x_k) - F(0)| < eps (default 1e-20)")
     parser.add_argument("--max-iter", type=int, default=1000,
                         help="iteration cap; a run reaching it has not converged (default 1000)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="processes solving runs in parallel, one BLAS thread each "
-                             "(default: the CPU count, at most --runs)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="BLAS threads (default: the CPU count; 1 on a machine busy "
+                             "with other work, where threaded BLAS stalls)")
     parser.add_argument("--paper-only", action="store_true",
                         help="only the paper's eight settings")
     parser.add_argument("--json", metavar="PATH", help="write all numbers as JSON")
@@ -47,7 +47,7 @@ def run(args) -> int:
         runs=args.runs, n=args.n, gamma=args.gamma, seed=args.seed, eps=args.eps,
         max_iter=args.max_iter,
         settings=experiment.PAPER_SETTINGS if args.paper_only else experiment.DEFAULT_SETTINGS,
-        progress=progress, workers=args.workers or min(os.cpu_count() or 1, max(args.runs, 1)),
+        progress=progress, threads=args.threads or os.cpu_count() or 1,
     )
     print(experiment.format_table(table))
     if args.json:

@@ -14,6 +14,7 @@ import numbers
 import numpy as np
 from scipy.linalg import blas
 from scipy.sparse.linalg import LinearOperator, eigsh
+from threadpoolctl import threadpool_limits
 
 
 def check_param(name, value, ok, allowed):
@@ -79,7 +80,12 @@ class SymmetricOperator:
     One vector: BLAS ``dsymv``, which reads one triangle of ``A`` (so ``A`` must be
     symmetric): half the memory traffic of ``A @ v``, and the products are memory-bound at
     n = 2048. Several vectors at once (:meth:`products`): one GEMM pass over ``A`` for
-    :data:`BATCH_MIN` or more of them, else dsymv for each.
+    ``batch_min`` or more of them, else dsymv for each.
+
+    Args:
+        matrix: the symmetric matrix.
+        batch_min: the fewest vectors one GEMM computes (:data:`BATCH_MIN`, measured with
+            one BLAS thread); None: never (with two BLAS threads dsymv is faster for up to 8).
 
     Attributes:
         matrix: ``A`` as a float64 array.
@@ -87,11 +93,12 @@ class SymmetricOperator:
         passes: the number of BLAS calls (passes over ``A``) they took.
     """
 
-    def __init__(self, matrix):
+    def __init__(self, matrix, batch_min=BATCH_MIN):
         A = np.asarray(matrix, dtype=np.float64)
         check_param("matrix.shape", A.shape, A.ndim == 2 and A.shape[0] == A.shape[1],
                     "square (n, n)")
         self.matrix = A
+        self.batch_min = batch_min
         # A is symmetric, so its transpose is A itself: a Fortran-ordered view, no copy.
         self._fortran = A.T if A.flags.c_contiguous else np.asfortranarray(A)
         self.matvecs = 0
@@ -104,7 +111,7 @@ class SymmetricOperator:
 
     def products(self, vectors):
         """``[A v for v in vectors]``, in one pass over ``A`` if there are enough vectors."""
-        if len(vectors) < BATCH_MIN:
+        if self.batch_min is None or len(vectors) < self.batch_min:
             return [self @ v for v in vectors]
         self.matvecs += len(vectors)
         self.passes += 1
@@ -138,8 +145,11 @@ def random_problem(n, gamma=0.9999, rng=None):
     gram = C.T @ C  # NumPy computes this with syrk: exactly symmetric
     if n >= 200:
         # Lanczos (ARPACK); a fixed start vector keeps the instance reproducible.
+        # One BLAS thread: a threaded dsymv rounds differently, and the instance must not
+        # depend on the thread count (syrk above gives the same bits with any).
         op = LinearOperator((n, n), matvec=SymmetricOperator(gram).__matmul__, dtype=np.float64)
-        top = eigsh(op, k=1, which="LA", v0=np.ones(n), return_eigenvectors=False)[0]
+        with threadpool_limits(limits=1, user_api="blas"):
+            top = eigsh(op, k=1, which="LA", v0=np.ones(n), return_eigenvectors=False)[0]
     else:
         top = np.linalg.eigvalsh(gram)[-1]
     gram *= gamma / top
