@@ -243,9 +243,50 @@ def test_onnx_graph_is_clean(exports):
         assert set(report["op_types"]) <= ALLOWED_OPS, report["op_types"]
         assert not report["string_tensors"]
         assert report["inputs"][0]["shape"][0] == "batch"
-    # The optimised graph has folded the negations (and BN, alpha) into its kernels.
-    assert "Neg" in graph_report(exports["plain"] / ONNX_FILE)["op_types"]
-    assert "Neg" not in graph_report(exports["optimized"] / ONNX_FILE)["op_types"]
+    # Negations are 1x1 depthwise convolutions (scales_as_depthwise_convs) in both; the
+    # optimised graph has also folded BN and alpha into its kernels: fewer Conv nodes.
+    import onnx
+
+    plain, optimized = ([n.op_type for n in onnx.load(str(exports[k] / ONNX_FILE)).graph.node]
+                        for k in ("plain", "optimized"))
+    assert "Neg" not in plain and "Neg" not in optimized
+    assert optimized.count("Conv") < plain.count("Conv")
+
+
+def test_scales_as_depthwise_convs_is_exact():
+    """Neg and scalar Mul become depthwise Convs with bit-identical ORT outputs; a Mul by a
+    per-channel constant and a Mul right after a Conv are left alone."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from keras_newton.export.onnx_passes import scales_as_depthwise_convs
+
+    rng = np.random.default_rng(0)
+    consts = {"c": np.float32(0.9), "per_channel": rng.normal(size=(1, 4, 1, 1)),
+              "w": rng.normal(size=(4, 4, 3, 3)), "half": np.float32(0.5)}
+    graph = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["a"]),
+         helper.make_node("Mul", ["a", "c"], ["scaled"]),
+         helper.make_node("Mul", ["x", "per_channel"], ["channels"]),
+         helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+         helper.make_node("Mul", ["conv", "half"], ["conv_half"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 6, 6])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n", 4, 6, 6])
+         for name in ("a", "scaled", "channels", "conv_half")],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in consts.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = proto.SerializeToString()
+    after = scales_as_depthwise_convs(proto)
+    onnx.checker.check_model(after)
+    assert [n.op_type for n in after.graph.node] == ["Conv", "Conv", "Mul", "Conv", "Mul"]
+    x = rng.normal(size=(3, 4, 6, 6)).astype(np.float32)
+    outs = [ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+            for model in (before, after.SerializeToString())]
+    np.testing.assert_array_equal(outs[1][0], -x)
+    np.testing.assert_array_equal(outs[1][1], -x * np.float32(0.9))
+    for old, new in zip(*outs, strict=True):
+        np.testing.assert_array_equal(new, old)
 
 
 def test_parity_on_real_images(exports, reference, cifar):

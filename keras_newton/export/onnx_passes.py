@@ -13,15 +13,21 @@ the convolution. The passes here:
    optimizer can cancel the pairs;
 2. `split_channel_convs`: ``Conv(W, b) -> Split(axis 1)`` becomes one ``Conv`` per
    part, with the matching rows of ``W`` and ``b`` (the same arithmetic; ORT then fuses
-   each with its ReLU, BN affine or Add).
+   each with its ReLU, BN affine or Add);
+3. `scales_as_depthwise_convs`: ``Neg(x)`` and ``Mul(x, c)`` with a constant scalar ``c``
+   (the CG Block's ``d = -g + beta d``, ``y + alpha d``) become a 1x1 depthwise ``Conv``
+   with weight -1 or ``c``: the same product, but ORT's NCHWc transformer has no kernel
+   for Neg or a broadcast Mul, so each left the blocked layout (a ReorderOutput before,
+   a ReorderInput after, and every Add around it unfused).
 
-Both are exact rewrites (no arithmetic changes); `simplify` runs them and then tf2onnx's
-optimizers. Parity against Keras is measured on the result.
+All are exact rewrites (no arithmetic changes); `simplify` runs the first two, tf2onnx's
+optimizers, then the third. Parity against Keras is measured on the result.
 """
 
 import numpy as np
 
-__all__ = ["push_transposes_through_split", "simplify", "split_channel_convs"]
+__all__ = ["push_transposes_through_split", "scales_as_depthwise_convs", "simplify",
+           "split_channel_convs"]
 
 
 def _attr(node, name, default=None):
@@ -127,15 +133,60 @@ def split_channel_convs(proto):
     return proto
 
 
+def scales_as_depthwise_convs(proto):
+    """``Neg(x)`` and ``Mul(x, scalar constant)`` on 4-D ``x`` to a 1x1 depthwise ``Conv``.
+
+    A Mul whose ``x`` comes from a Conv is left alone (ORT folds it into that Conv).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    producer, _ = _index(graph)
+    inferred = onnx.shape_inference.infer_shapes(proto).graph
+    channels = {}
+    for value in (*inferred.value_info, *inferred.input, *inferred.output):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) == 4 and dims[1].HasField("dim_value"):
+            channels[value.name] = dims[1].dim_value
+    for node in [n for n in graph.node if n.op_type in ("Neg", "Mul")]:
+        if node.op_type == "Neg":
+            x, scale = node.input[0], -1.0
+        else:
+            constants = [i for i in node.input if i in initializers]
+            if len(constants) != 1 or len(node.input) != 2:
+                continue
+            value = numpy_helper.to_array(initializers[constants[0]])
+            x = next(i for i in node.input if i not in initializers)
+            if value.size != 1 or value.dtype != np.float32 or (
+                    x in producer and producer[x].op_type == "Conv"):
+                continue
+            scale = value.item()
+        if x not in channels:
+            continue
+        weight = f"{node.output[0]}__depthwise"
+        graph.initializer.append(numpy_helper.from_array(
+            np.full((channels[x], 1, 1, 1), scale, np.float32), weight))
+        _replace_node(graph, node, [onnx.helper.make_node(
+            "Conv", [x, weight], list(node.output), name=f"{node.output[0]}__conv",
+            group=channels[x], kernel_shape=[1, 1])])
+    used = {name for n in graph.node for name in n.input}
+    for tensor in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(tensor)
+    return proto
+
+
 def simplify(proto):
-    """Runs both passes, then tf2onnx's graph optimizers (transpose cancelling etc.)."""
+    """The two layout passes, tf2onnx's graph optimizers (transpose cancelling etc.), then
+    `scales_as_depthwise_convs`."""
     from tf2onnx.graph import GraphUtil
 
     proto = push_transposes_through_split(proto)
     proto = split_channel_convs(proto)
     metadata = [(p.key, p.value) for p in proto.metadata_props]
     producer, doc = proto.producer_name, proto.doc_string
-    proto = GraphUtil.optimize_model_proto(proto)
+    proto = scales_as_depthwise_convs(GraphUtil.optimize_model_proto(proto))
     proto.producer_name, proto.doc_string = producer, doc
     del proto.metadata_props[:]
     for key, value in metadata:
