@@ -20,7 +20,9 @@ import sys
 PAIRS = {"10:20": ("newton_cgnet10", "resnet20"), "56:110": ("newton_cgnet56", "resnet110"),
          "82:164": ("newton_cgnet82", "resnet164"),
          # the fused CG Block against the plain one (same weights, same outputs)
-         "56fused:56plain": ("newton_cgnet56", "newton_cgnet56:plain")}
+         "56fused:56plain": ("newton_cgnet56", "newton_cgnet56:plain"),
+         # what the three dropouts of every CG Block cost (dropout_rate 0.2 against 0)
+         "56:56nodropout": ("newton_cgnet56", "newton_cgnet56:nodropout")}
 
 
 def forward_flops(model):
@@ -66,7 +68,8 @@ def child(args):
     if args.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     name, _, variant = args.child.partition(":")
-    model = models.get_model(name, weight_decay=5e-4)
+    model = models.get_model(name, weight_decay=5e-4,
+                             **({"dropout_rate": 0.0} if variant == "nodropout" else {}))
     if variant == "plain":
         config = model.get_config()
         for layer in config["layers"]:

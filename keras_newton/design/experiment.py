@@ -120,6 +120,9 @@ def solve_run(run, n=2048, gamma=0.9999, seed=0, eps=1e-20, max_iter=1000,
               settings=DEFAULT_SETTINGS, batch_min=BATCH_MIN):
     """Generates instance ``run`` and solves it for every setting in lock-step.
 
+    ``batch_min`` is :class:`~keras_newton.design.problem.SymmetricOperator`'s (None: no
+    GEMM batching). The other arguments are :func:`run_table2`'s.
+
     Returns:
         ``(results, matrix_seconds, solve_seconds, passes)``, one
         :class:`~keras_newton.design.solvers.SolveResult` per setting.
