@@ -60,6 +60,12 @@ def _replace_node(graph, old, new_nodes):
         graph.node.insert(position + offset, node)
 
 
+def _drop_unused_initializers(graph):
+    used = {name for n in graph.node for name in n.input}
+    for tensor in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(tensor)
+
+
 def push_transposes_through_split(proto):
     """``Transpose(perm) -> Split(axis)`` to ``Split(perm[axis]) -> Transpose(perm)``."""
     import onnx
@@ -127,9 +133,7 @@ def split_channel_convs(proto):
             start += size
         graph.node.remove(conv)
         _replace_node(graph, split, new_nodes)
-    used = {name for n in graph.node for name in n.input}
-    for tensor in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(tensor)
+    _drop_unused_initializers(graph)
     return proto
 
 
@@ -171,9 +175,7 @@ def scales_as_depthwise_convs(proto):
         _replace_node(graph, node, [onnx.helper.make_node(
             "Conv", [x, weight], list(node.output), name=f"{node.output[0]}__conv",
             group=channels[x], kernel_shape=[1, 1])])
-    used = {name for n in graph.node for name in n.input}
-    for tensor in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(tensor)
+    _drop_unused_initializers(graph)
     return proto
 
 

@@ -15,17 +15,21 @@ from keras_newton.models.newton_cgnet import WIDTHS
 RESNET_DEPTHS = (20, 32, 44, 56, 110, 164)
 
 
-def basic_block(x, filters, strides, shortcut, name, data_format, regularizer):
-    """Two 3x3 conv + BN (ReLU between), the shortcut added before the last ReLU."""
+def basic_block(x, filters, strides, shortcut, name, data_format, regularizer, rank=2):
+    """Two 3x3 conv + BN (ReLU between), the shortcut added before the last ReLU.
+
+    ``rank=1``: temporal convolutions of size 3 (VDCNN's convolutional block).
+    """
     in_channels = x.shape[-1 if data_format == "channels_last" else 1]
-    y = conv(filters, 3, strides, f"{name}_conv1", regularizer, data_format)(x)
+    y = conv(filters, 3, strides, f"{name}_conv1", regularizer, data_format, rank)(x)
     y = batch_norm(f"{name}_bn1", data_format)(y)
     y = keras.layers.ReLU(name=f"{name}_relu1")(y)
-    y = conv(filters, 3, 1, f"{name}_conv2", regularizer, data_format)(y)
+    y = conv(filters, 3, 1, f"{name}_conv2", regularizer, data_format, rank)(y)
     y = batch_norm(f"{name}_bn2", data_format)(y)
     if shortcut:
         if strides != 1 or in_channels != filters:
-            x = conv(filters, 1, strides, f"{name}_proj_conv", regularizer, data_format)(x)
+            x = conv(filters, 1, strides, f"{name}_proj_conv", regularizer, data_format,
+                     rank)(x)
             x = batch_norm(f"{name}_proj_bn", data_format)(x)
         y = keras.layers.Add(name=f"{name}_add")([x, y])
     return keras.layers.ReLU(name=f"{name}_out")(y)

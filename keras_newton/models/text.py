@@ -37,6 +37,7 @@ import keras
 from keras_newton.data.text import SEQUENCE_LENGTH, VOCAB_SIZE
 from keras_newton.layers import KMaxPooling, NewtonCGBlock
 from keras_newton.layers.common import batch_norm, check_positive_int, conv
+from keras_newton.models.resnet import basic_block
 
 WIDTHS = (64, 128, 256, 512)
 # VDCNN (Conneau et al. 2017, Table 2): depth -> conv blocks per stage.
@@ -197,25 +198,6 @@ def newton_cgnet_text(
 NewtonCGNetText = newton_cgnet_text
 
 
-def _vdcnn_block(x, filters, shortcut, name, reg):
-    """VDCNN convolutional block: (temporal conv 3 + BN + ReLU) x 2.
-
-    With ``shortcut`` the input is added before the last ReLU (ResNet form), through a
-    1x1 convolution + BN where the width grows.
-    """
-    y = conv(filters, 3, 1, f"{name}_conv1", reg, _DATA_FORMAT, rank=1)(x)
-    y = batch_norm(f"{name}_bn1", _DATA_FORMAT)(y)
-    y = keras.layers.ReLU(name=f"{name}_relu1")(y)
-    y = conv(filters, 3, 1, f"{name}_conv2", reg, _DATA_FORMAT, rank=1)(y)
-    y = batch_norm(f"{name}_bn2", _DATA_FORMAT)(y)
-    if shortcut:
-        if x.shape[-1] != filters:
-            x = conv(filters, 1, 1, f"{name}_proj_conv", reg, _DATA_FORMAT, rank=1)(x)
-            x = batch_norm(f"{name}_proj_bn", _DATA_FORMAT)(x)
-        y = keras.layers.Add(name=f"{name}_add")([x, y])
-    return keras.layers.ReLU(name=f"{name}_relu2")(y)
-
-
 def vdcnn(
     depth=9,
     shortcut=False,
@@ -253,7 +235,8 @@ def vdcnn(
             if i:
                 x = _pool(x, i)
             for b in range(n):
-                x = _vdcnn_block(x, width, shortcut, f"stage{i + 1}_block{b + 1}", reg)
+                x = basic_block(x, width, 1, shortcut, f"stage{i + 1}_block{b + 1}",
+                                _DATA_FORMAT, reg, rank=1)
         return x
 
     return _text_classifier(

@@ -16,18 +16,16 @@ from keras_newton.data.text import (
 )
 from keras_newton.models import canonical_name
 from keras_newton.models.text import SEQUENCE_LENGTH, TEXT_MODELS
-from keras_newton.training import callbacks as cb
 from keras_newton.training.distribute import get_distribution
 from keras_newton.training.recipes import get_recipe
 from keras_newton.training.trainer import (
-    BACKUP_DIR,
     CONFIG_JSON,
-    LOG_DIR,
     MODEL_KERAS,
     PREPROCESSING_JSON,
     SUMMARY_JSON,
     _check_out,
-    _tensorboard,
+    _fit_best,
+    _run_folder,
     compile_for_recipe,
 )
 
@@ -127,13 +125,8 @@ def train_text(
     data = str(Path(data).expanduser().resolve()) if data is not None else None
 
     dist = get_distribution(distribute)
-    if recipe["batch_size"] % dist.num_replicas:
-        raise ValueError(f"`batch_size` (the global batch) must be divisible by the "
-                         f"{dist.num_replicas} replicas. Received: batch_size="
-                         f"{recipe['batch_size']}")
-    run_out = Path(out) if out is not None else Path("runs") / f"{model_name}_{dataset}"
-    if not dist.is_chief:
-        run_out = run_out / "workers" / f"worker{dist.worker_index}"
+    run_out = _run_folder(dist, recipe, Path(out) if out is not None
+                          else Path("runs") / f"{model_name}_{dataset}")
     model_kwargs = {"sequence_length": sequence_length}
     if hidden_units is not None:
         model_kwargs["hidden_units"] = hidden_units
@@ -163,23 +156,9 @@ def train_text(
         net = builder(classes=len(source.class_names), weight_decay=recipe["weight_decay"],
                       **model_kwargs, **kwargs)
         compile_for_recipe(net, recipe, steps_per_epoch)
-        run_callbacks = [
-            cb.RunLogger(run_out, monitor="val_accuracy",
-                         title=f"{model_name} on {dataset} ({recipe['recipe']})"),
-            keras.callbacks.BackupAndRestore(str(run_out / BACKUP_DIR), double_checkpoint=True),
-            cb.StopOnNaN(hint=f"Try a lower learning rate (Received: lr={recipe['lr']}); the "
-                              f"last finished epoch is backed up in {run_out / BACKUP_DIR}."),
-            *_tensorboard(run_out / LOG_DIR),
-            *callbacks,
-        ]
-        if resuming:
-            print(f"Resuming the run in {run_out} from its last finished epoch.")
-        started = time.time()
-        net.fit(train_ds, validation_data=val_ds, epochs=recipe["epochs"],
-                callbacks=run_callbacks, verbose=verbose, shuffle=False)
-        rows = cb.read_history(run_out)
-        best = json.loads((run_out / cb.BEST_JSON).read_text())
-        net.load_weights(run_out / cb.BEST_WEIGHTS)
+        rows, best, started = _fit_best(
+            net, train_ds, val_ds, recipe, run_out, f"{model_name} on {dataset} "
+            f"({recipe['recipe']})", callbacks, resuming, verbose)
         test_accuracy = None
         if evaluate_test and test is not None:
             test_ds = make_text_dataset(test.texts, test.labels, batch, tokenizer)

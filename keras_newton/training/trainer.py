@@ -67,6 +67,45 @@ def _tensorboard(log_dir):
     return [keras.callbacks.TensorBoard(str(log_dir))]
 
 
+def _run_folder(dist, recipe, out):
+    """Checks the global batch against the replicas; ``out``, or this worker's folder in it."""
+    if recipe["batch_size"] % dist.num_replicas:
+        raise ValueError(
+            f"`batch_size` (the global batch) must be divisible by the {dist.num_replicas} "
+            f"replicas. Received: batch_size={recipe['batch_size']}"
+        )
+    return out if dist.is_chief else out / "workers" / f"worker{dist.worker_index}"
+
+
+def _fit_best(net, train_ds, val_ds, recipe, run_out, title, callbacks, resuming, verbose):
+    """Fits with the run's callbacks (log, backup, NaN stop, TensorBoard, ``callbacks``) and
+    loads the best weights.
+
+    Returns:
+        ``(history rows, best.json, start time)``.
+    """
+    run_callbacks = [
+        cb.RunLogger(run_out, monitor="val_accuracy", title=title),
+        keras.callbacks.BackupAndRestore(str(run_out / BACKUP_DIR), double_checkpoint=True),
+        cb.StopOnNaN(
+            hint=f"Try a lower learning rate (Received: lr={recipe['lr']}); the last "
+                 f"finished epoch is backed up in {run_out / BACKUP_DIR} and the best "
+                 f"weights are in {run_out / cb.BEST_WEIGHTS}."
+        ),
+        *_tensorboard(run_out / LOG_DIR),
+        *callbacks,
+    ]
+    if resuming:
+        print(f"Resuming the run in {run_out} from its last finished epoch.")
+    started = time.time()
+    net.fit(train_ds, validation_data=val_ds, epochs=recipe["epochs"],
+            callbacks=run_callbacks, verbose=verbose, shuffle=False)
+    rows = cb.read_history(run_out)
+    best = json.loads((run_out / cb.BEST_JSON).read_text())
+    net.load_weights(run_out / cb.BEST_WEIGHTS)
+    return rows, best, started
+
+
 def default_out(model, dataset, augment):
     """``runs/<model>_<dataset>[+]``, e.g. ``runs/newton_cgnet56_cifar10+``."""
     return Path("runs") / f"{model}_{dataset}{'+' if augment else ''}"
@@ -242,14 +281,8 @@ def train(
 
     # First, before any other TensorFlow op (MultiWorkerMirroredStrategy requires it).
     dist = get_distribution(distribute)
-    if recipe["batch_size"] % dist.num_replicas:
-        raise ValueError(
-            f"`batch_size` (the global batch) must be divisible by the {dist.num_replicas} "
-            f"replicas. Received: batch_size={recipe['batch_size']}"
-        )
-    run_out = Path(out) if out is not None else default_out(model_name, dataset, augment)
-    if not dist.is_chief:
-        run_out = run_out / "workers" / f"worker{dist.worker_index}"
+    run_out = _run_folder(dist, recipe, Path(out) if out is not None
+                          else default_out(model_name, dataset, augment))
     config = {
         "model": model_name, "dataset": dataset,
         "data": str(data.resolve()) if data is not None else None,
@@ -296,27 +329,9 @@ def train(
         compile_for_recipe(net, recipe, steps_per_epoch)
         if dist.kind == "multiworker":
             fix_multiworker_build(net)
-        title = f"{model_name} on {dataset} ({recipe['recipe']})"
-        run_callbacks = [
-            cb.RunLogger(run_out, monitor="val_accuracy", title=title),
-            keras.callbacks.BackupAndRestore(str(run_out / BACKUP_DIR), double_checkpoint=True),
-            cb.StopOnNaN(
-                hint=f"Try a lower learning rate (Received: lr={recipe['lr']}); the last "
-                     f"finished epoch is backed up in {run_out / BACKUP_DIR} and the best "
-                     f"weights are in {run_out / cb.BEST_WEIGHTS}."
-            ),
-            *_tensorboard(run_out / LOG_DIR),
-            *callbacks,
-        ]
-        if resuming:
-            print(f"Resuming the run in {run_out} from its last finished epoch.")
-        started = time.time()
-        net.fit(train_ds, validation_data=val_ds, epochs=recipe["epochs"],
-                callbacks=run_callbacks, verbose=verbose, shuffle=False)
-
-        rows = cb.read_history(run_out)
-        best = json.loads((run_out / cb.BEST_JSON).read_text())
-        net.load_weights(run_out / cb.BEST_WEIGHTS)
+        rows, best, started = _fit_best(
+            net, train_ds, val_ds, recipe, run_out, f"{model_name} on {dataset} "
+            f"({recipe['recipe']})", callbacks, resuming, verbose)
         test_accuracy = None
         test = _test_split(dataset, data, cache_dir) if evaluate_test else None
         if test is not None:
