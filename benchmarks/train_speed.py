@@ -22,7 +22,11 @@ PAIRS = {"10:20": ("newton_cgnet10", "resnet20"), "56:110": ("newton_cgnet56", "
          # the fused CG Block against the plain one (same weights, same outputs)
          "56fused:56plain": ("newton_cgnet56", "newton_cgnet56:plain"),
          # what the three dropouts of every CG Block cost (dropout_rate 0.2 against 0)
-         "56:56nodropout": ("newton_cgnet56", "newton_cgnet56:nodropout")}
+         "56:56nodropout": ("newton_cgnet56", "newton_cgnet56:nodropout"),
+         # the CG Block's dropout branches recomputed in the backward pass (default)
+         # against plain autodiff, which stores the dropped tensors and masks
+         "82:82noremat": ("newton_cgnet82", "newton_cgnet82:noremat"),
+         "56:56noremat": ("newton_cgnet56", "newton_cgnet56:noremat")}
 
 
 def forward_flops(model):
@@ -68,6 +72,8 @@ def child(args):
     if args.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     name, _, variant = args.child.partition(":")
+    if variant == "noremat":
+        keras.remat = lambda f: f
     model = models.get_model(name, weight_decay=5e-4,
                              **({"dropout_rate": 0.0} if variant == "nodropout" else {}))
     if variant == "plain":
@@ -82,21 +88,48 @@ def child(args):
     x = rng.normal(size=(args.batch * args.steps, 32, 32, 3)).astype("float32")
     y = rng.integers(0, 10, len(x))
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step_mb = step_peak_mb(model, x[: args.batch], y[: args.batch])
     model.fit(x[: args.batch * 2], y[: args.batch * 2], batch_size=args.batch, verbose=0)
     start = time.perf_counter()
     model.fit(x, y, batch_size=args.batch, verbose=0)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"images_per_s": len(x) / seconds, "peak_rss_mb": peak / 1024,
-                      "train_peak_mb": (peak - rss0) / 1024,
+    print(json.dumps({"images_per_s": len(x) / seconds, "rss_growth_mb": (peak - rss0) / 1024,
+                      "step_peak_mb": step_mb,
                       "gflop_per_image": 3 * forward_flops(model) / 1e9}))
+
+
+def step_peak_mb(model, x, y):
+    """MB that one training step (``train_on_batch``, after a first, tracing one) adds
+    to the framework allocator's holdings at its peak: the activations kept for the
+    backward pass, gradients, workspace. TensorFlow needs
+    ``TF_CPU_ALLOCATOR_USE_BFC=true`` for CPU stats (``measure`` sets it); JAX reports
+    device stats on GPUs only (peak of the whole process there). Unlike peak RSS, this
+    does not depend on how ``malloc`` reuses freed memory (RSS varied by 300 MB for one
+    model)."""
+    import keras
+
+    model.train_on_batch(x, y)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        device = "GPU:0" if tf.config.list_logical_devices("GPU") else "CPU:0"
+        held = tf.config.experimental.get_memory_info(device)["current"]
+        tf.config.experimental.reset_memory_stats(device)
+        model.train_on_batch(x, y)
+        return (tf.config.experimental.get_memory_info(device)["peak"] - held) / 2**20
+    import jax
+
+    stats = jax.devices()[0].memory_stats()
+    return stats["peak_bytes_in_use"] / 2**20 if stats else None
 
 
 def measure(name, args):
     cmd = [sys.executable, __file__, "--child", name, "--batch", str(args.batch),
            "--steps", str(args.steps)] + (["--jit"] if args.jit else []) + (
            ["--mixed-precision"] if args.mixed_precision else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ)
+    env = {**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true"}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -124,7 +157,8 @@ def main():
     print(f"backend={keras.backend.backend()} jit={args.jit} batch={args.batch} "
           f"steps={args.steps} repeats={args.repeats} cpus={os.cpu_count()} "
           f"nominal peak ~{cpu_peak_gflops():.0f} GFLOP/s")
-    print(f"{'model':16s} {'img/s':>8s} {'GFLOP/s':>8s} {'%peak':>6s} {'train MB':>9s}")
+    print(f"{'model':22s} {'img/s':>8s} {'GFLOP/s':>8s} {'%peak':>6s} {'step MB':>8s} "
+          f"{'RSS+ MB':>8s}")
     for pair in args.pairs.split(","):
         runs = {name: [] for name in PAIRS[pair]}
         for _ in range(args.repeats):
@@ -133,11 +167,13 @@ def main():
         med = {}
         for name, rs in runs.items():
             ips = statistics.median(r["images_per_s"] for r in rs)
-            mem = statistics.median(r["train_peak_mb"] for r in rs)
+            rss = statistics.median(r["rss_growth_mb"] for r in rs)
+            mem = (statistics.median(r["step_peak_mb"] for r in rs)
+                   if rs[0]["step_peak_mb"] is not None else rss)
             gflops = ips * rs[0]["gflop_per_image"]
             med[name] = (ips, mem)
-            print(f"{name:16s} {ips:8.1f} {gflops:8.1f} {100 * gflops / cpu_peak_gflops():5.1f}%"
-                  f" {mem:9.0f}")
+            print(f"{name:22s} {ips:8.1f} {gflops:8.1f} {100 * gflops / cpu_peak_gflops():5.1f}%"
+                  f" {mem:8.0f} {rss:8.0f}")
         (a, b) = PAIRS[pair]
         print(f"  ratio {a}/{b}: throughput {med[a][0] / med[b][0]:.2f}x, "
               f"peak training memory {med[a][1] / med[b][1]:.2f}x")

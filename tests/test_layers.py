@@ -129,6 +129,47 @@ def test_fused_path_same_outputs_gradients_and_weights(rng):
     assert max(np.abs(g).max() for g in grads_f) > 1e-3
 
 
+def test_dropout_conv_is_inverted_dropout(rng):
+    """With a centre-tap identity kernel the convolution returns the dropped input."""
+    block = CGBlock(16, dropout_rate=0.3)
+    x = rng.uniform(1.0, 2.0, size=(8, 8, 8, 16)).astype("float32")
+    block.build(x.shape)
+    kernel = np.zeros((3, 3, 16, 16), "float32")
+    kernel[1, 1] = np.eye(16)
+    block.conv2.kernel.assign(kernel)
+    out = arr(block._dropout_conv(x, block.dropout2, block.conv2, training=True))
+    kept = out != 0
+    assert abs(1 - kept.mean() - 0.3) < 0.02, kept.mean()
+    np.testing.assert_allclose(out[kept], x[kept] / 0.7, rtol=1e-6)
+    np.testing.assert_allclose(arr(block._dropout_conv(x, block.dropout2, block.conv2,
+                                                       training=False)), x, rtol=1e-6)
+
+
+def _dropout_sgd_step(x, y):
+    keras.utils.set_random_seed(0)  # same init and same dropout seeds in every call
+    inputs = keras.Input(x.shape[1:])
+    h = NewtonCGBlock(3, 8, strides=2, dropout_rate=0.3, name="ncg")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(h)))
+    model.compile(keras.optimizers.SGD(1.0),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    start = model.get_weights()
+    model.fit(x, y, batch_size=len(x), shuffle=False, verbose=0)
+    return [a - b for a, b in zip(start, model.get_weights(), strict=True)]
+
+
+def test_recomputed_dropout_gives_autodiff_gradients(rng, monkeypatch):
+    """The backward pass recomputes the dropped tensors with the forward pass's masks:
+    same gradients as plain autodiff that stores them (``keras.remat`` disabled)."""
+    x = rng.normal(size=(8, 8, 8, 4)).astype("float32")
+    y = rng.integers(0, 3, 8)
+    grads = _dropout_sgd_step(x, y)
+    monkeypatch.setattr(keras, "remat", lambda f: f)
+    plain = _dropout_sgd_step(x, y)
+    for a, b in zip(grads, plain, strict=True):  # lr = 1: update = gradient
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert max(np.abs(g).max() for g in grads) > 1e-3
+
+
 @pytest.mark.parametrize("cls,kwargs", [
     (CGBlock, {"filters": 8, "strides": 2, "dropout_rate": 0.1, "first_step": False,
                "kernel_regularizer": keras.regularizers.L2(1e-4)}),

@@ -171,17 +171,39 @@ class CGBlock(keras.layers.Layer):
         parts = ops.split(out, ends, axis=channel_axis(self.data_format))
         return parts[0], parts[1], parts[2] if not training else None
 
+    def _dropout_conv(self, x, dropout, conv, training):
+        """``conv(dropout(x))`` that keeps only ``x`` and a uint8 mask for backward.
+
+        Keras' Dropout followed by a convolution keeps a float mask and the dropped
+        tensor (for the kernel gradient): two activations. Here the mask is drawn
+        (from ``dropout``'s seed generator) as uint8 outside ``keras.remat``, which
+        recomputes the dropped tensor in the backward pass; ``x`` is kept anyway.
+        """
+        if not training or self.dropout_rate == 0:
+            return conv(x)
+        noise = keras.random.uniform(ops.shape(x), seed=dropout.seed_generator)
+        keep = ops.cast(noise >= self.dropout_rate, "uint8")
+        scale, strides = 1.0 / (1.0 - self.dropout_rate), conv.strides
+
+        def dropout_conv(x, keep, kernel):
+            dropped = x * ops.cast(keep, x.dtype) * scale
+            return ops.conv(dropped, kernel, strides=strides, padding="same",
+                            data_format=self.data_format)
+
+        return keras.remat(dropout_conv)(x, keep, ops.cast(conv.kernel, x.dtype))
+
     def call(self, y, d_prev=None, training=None):
         if self.fused:
             w1y, w3y, w2y = self._convs_of_y(y, training)
         else:
             w1y, w3y, w2y = self.conv1(y), self.conv3(y), None
         if w2y is None:
-            w2y = self.conv2(self.dropout2(y, training=training))
+            w2y = self._dropout_conv(y, self.dropout2, self.conv2, training)
         g1 = self.dropout1(self.bn1(w1y, training=training), training=training)
         g2 = self.bn2(w2y, training=training)
         h3 = ops.relu(self.bn3(w3y, training=training))
-        g3 = self.bn4(self.conv4(self.dropout3(h3, training=training)), training=training)
+        g3 = self.bn4(self._dropout_conv(h3, self.dropout3, self.conv4, training),
+                      training=training)
         if self.use_projection:
             y_g = self.proj_g_bn(self.proj_g_conv(y), training=training)
             y_y = self.proj_y_bn(self.proj_y_conv(y), training=training)
