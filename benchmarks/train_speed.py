@@ -1,9 +1,11 @@
-"""Training throughput and peak memory: Newton-CGNet vs the equal-parameter ResNet.
+"""Training throughput and step memory: Newton-CGNet vs the equal-parameter ResNet.
 
-Each measurement runs in a fresh child process (so peak memory is that model's own),
-alternating Newton-CGNet and ResNet within every repeat; the parent prints medians
-and ratios. Throughput is steady state (after compilation and warm-up steps) on
-synthetic 32x32x3 data through the same ``tf.data``-free ``fit`` loop for both.
+Each repeat runs one fresh child process that builds both models of a pair and times
+their training steps alternately (A B, then B A, ...), so both see the same machine
+state: per-process differences (the same model read 22 and 26 images/s in two
+processes on this CPU) cancel in the ratio. Steady state: after compilation and two
+warm-up steps, on synthetic 32x32x3 data, the same ``train_on_batch`` for both; the
+parent prints medians and ratios.
 
     python benchmarks/train_speed.py                          # TF, CPU, all pairs
     python benchmarks/train_speed.py --pairs 56:110 --jit     # XLA on
@@ -60,20 +62,15 @@ def forward_flops(model):
     return total
 
 
-def child(args):
-    import resource
-    import time
-
+def build(name, args):
     import keras
-    import numpy as np
 
     from keras_newton import models
 
-    if args.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    name, _, variant = args.child.partition(":")
+    name, _, variant = name.partition(":")
+    remat = keras.remat
     if variant == "noremat":
-        keras.remat = lambda f: f
+        keras.remat = lambda f: f  # read when the model is traced, i.e. at its first step
     model = models.get_model(name, weight_decay=5e-4,
                              **({"dropout_rate": 0.0} if variant == "nodropout" else {}))
     if variant == "plain":
@@ -83,30 +80,47 @@ def child(args):
                 layer["config"]["fused"] = False
         model = keras.Model.from_config(config)
     model.compile(keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True),
-                  "sparse_categorical_crossentropy", jit_compile=args.jit)
+                  "sparse_categorical_crossentropy",
+                  jit_compile="auto" if args.jit is None else args.jit)
+    return model, remat
+
+
+def child(args):
+    """Both models of a pair in one process: step memory each, then alternating steps."""
+    import time
+
+    import keras
+    import numpy as np
+
+    if args.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(args.batch * args.steps, 32, 32, 3)).astype("float32")
+    x = rng.normal(size=(args.batch, 32, 32, 3)).astype("float32")
     y = rng.integers(0, 10, len(x))
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step_mb = step_peak_mb(model, x[: args.batch], y[: args.batch])
-    model.fit(x[: args.batch * 2], y[: args.batch * 2], batch_size=args.batch, verbose=0)
-    start = time.perf_counter()
-    model.fit(x, y, batch_size=args.batch, verbose=0)
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"images_per_s": len(x) / seconds, "rss_growth_mb": (peak - rss0) / 1024,
-                      "step_peak_mb": step_mb,
-                      "gflop_per_image": 3 * forward_flops(model) / 1e9}))
+    names = args.child.split(",")
+    models, result = {}, {}
+    for name in names:
+        model, remat = build(name, args)
+        result[name] = {"step_peak_mb": step_peak_mb(model, x, y),  # also 2 warm-up steps
+                        "gflop_per_image": 3 * forward_flops(model) / 1e9, "seconds": []}
+        keras.remat = remat  # traced by now; the next model gets the original
+        models[name] = model
+    for step in range(args.steps):
+        for name in names if step % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            models[name].train_on_batch(x, y)
+            result[name]["seconds"].append(time.perf_counter() - start)
+    print(json.dumps(result))
 
 
 def step_peak_mb(model, x, y):
     """MB that one training step (``train_on_batch``, after a first, tracing one) adds
     to the framework allocator's holdings at its peak: the activations kept for the
-    backward pass, gradients, workspace. TensorFlow needs
-    ``TF_CPU_ALLOCATOR_USE_BFC=true`` for CPU stats (``measure`` sets it); JAX reports
-    device stats on GPUs only (peak of the whole process there). Unlike peak RSS, this
-    does not depend on how ``malloc`` reuses freed memory (RSS varied by 300 MB for one
-    model)."""
+    backward pass, gradients, workspace. Unlike peak RSS, this does not depend on how
+    ``malloc`` reuses freed memory (RSS varied by 300 MB for one model). TensorFlow
+    needs ``TF_CPU_ALLOCATOR_USE_BFC=true`` for CPU stats (``measure`` sets it); JAX
+    reports device stats on GPUs only, and only the process's peak (for a pair's second
+    model it includes the first)."""
     import keras
 
     model.train_on_batch(x, y)
@@ -124,9 +138,10 @@ def step_peak_mb(model, x, y):
     return stats["peak_bytes_in_use"] / 2**20 if stats else None
 
 
-def measure(name, args):
-    cmd = [sys.executable, __file__, "--child", name, "--batch", str(args.batch),
-           "--steps", str(args.steps)] + (["--jit"] if args.jit else []) + (
+def measure(pair, args):
+    cmd = [sys.executable, __file__, "--child", ",".join(PAIRS[pair]), "--batch",
+           str(args.batch), "--steps", str(args.steps)] + (
+           [] if args.jit is None else ["--jit" if args.jit else "--no-jit"]) + (
            ["--mixed-precision"] if args.mixed_precision else [])
     env = {**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true"}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
@@ -144,9 +159,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", default="10:20,56:110,82:164", help=f"of {list(PAIRS)}")
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per model and repeat")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--jit", action="store_true", help="XLA (jit_compile=True)")
+    parser.add_argument("--jit", action=argparse.BooleanOptionalAction,
+                        help="jit_compile on/off (default: Keras' 'auto', i.e. off for "
+                        "TensorFlow on CPU, XLA for JAX)")
     parser.add_argument("--mixed-precision", action="store_true", help="bf16 compute")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -154,29 +171,30 @@ def main():
         return child(args)
     import keras
 
-    print(f"backend={keras.backend.backend()} jit={args.jit} batch={args.batch} "
+    jit = "auto" if args.jit is None else args.jit
+    print(f"backend={keras.backend.backend()} jit={jit} batch={args.batch} "
           f"steps={args.steps} repeats={args.repeats} cpus={os.cpu_count()} "
           f"nominal peak ~{cpu_peak_gflops():.0f} GFLOP/s")
-    print(f"{'model':22s} {'img/s':>8s} {'GFLOP/s':>8s} {'%peak':>6s} {'step MB':>8s} "
-          f"{'RSS+ MB':>8s}")
+    print(f"{'model':24s} {'img/s':>8s} {'GFLOP/s':>8s} {'%peak':>6s} {'step MB':>8s}")
     for pair in args.pairs.split(","):
-        runs = {name: [] for name in PAIRS[pair]}
-        for _ in range(args.repeats):
-            for name in PAIRS[pair]:  # alternate within each repeat
-                runs[name].append(measure(name, args))
+        a, b = PAIRS[pair]
+        runs = [measure(pair, args) for _ in range(args.repeats)]
         med = {}
-        for name, rs in runs.items():
-            ips = statistics.median(r["images_per_s"] for r in rs)
-            rss = statistics.median(r["rss_growth_mb"] for r in rs)
-            mem = (statistics.median(r["step_peak_mb"] for r in rs)
-                   if rs[0]["step_peak_mb"] is not None else rss)
-            gflops = ips * rs[0]["gflop_per_image"]
+        for name in (a, b):
+            seconds = statistics.median(s for r in runs for s in r[name]["seconds"])
+            mems = [r[name]["step_peak_mb"] for r in runs]
+            mem = statistics.median(mems) if None not in mems else float("nan")
+            ips, gflops = args.batch / seconds, args.batch / seconds * runs[0][name][
+                "gflop_per_image"]
             med[name] = (ips, mem)
-            print(f"{name:22s} {ips:8.1f} {gflops:8.1f} {100 * gflops / cpu_peak_gflops():5.1f}%"
-                  f" {mem:8.0f} {rss:8.0f}")
-        (a, b) = PAIRS[pair]
-        print(f"  ratio {a}/{b}: throughput {med[a][0] / med[b][0]:.2f}x, "
-              f"peak training memory {med[a][1] / med[b][1]:.2f}x")
+            print(f"{name:24s} {ips:8.1f} {gflops:8.1f} {100 * gflops / cpu_peak_gflops():5.1f}%"
+                  f" {mem:8.0f}")  # nan: no allocator statistics (JAX on CPU)
+        per_repeat = [statistics.median(r[b]["seconds"]) / statistics.median(r[a]["seconds"])
+                      for r in runs]
+        print(f"  ratio {a}/{b}: throughput {statistics.median(per_repeat):.2f}x (median of "
+              "the repeats' paired ratios: " + ", ".join(f"{q:.2f}x" for q in per_repeat)
+              + f"), step memory {med[a][1] / med[b][1]:.2f}x".replace("nanx", "n/a"),
+              flush=True)
 
 
 if __name__ == "__main__":
