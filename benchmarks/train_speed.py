@@ -63,6 +63,8 @@ def forward_flops(model):
 
 
 def build(name, args):
+    """Compiled model for a pair entry ``arch[:variant]``, and the original ``keras.remat``
+    (the ``noremat`` variant replaces it until the model has been traced)."""
     import keras
 
     from keras_newton import models
