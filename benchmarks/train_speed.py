@@ -63,16 +63,12 @@ def forward_flops(model):
 
 
 def build(name, args):
-    """Compiled model for a pair entry ``arch[:variant]``, and the original ``keras.remat``
-    (the ``noremat`` variant replaces it until the model has been traced)."""
+    """Compiled model for a pair entry ``arch[:variant]``."""
     import keras
 
     from keras_newton import models
 
     name, _, variant = name.partition(":")
-    remat = keras.remat
-    if variant == "noremat":
-        keras.remat = lambda f: f  # read when the model is traced, i.e. at its first step
     model = models.get_model(name, weight_decay=5e-4,
                              **({"dropout_rate": 0.0} if variant == "nodropout" else {}))
     if variant == "plain":
@@ -84,7 +80,7 @@ def build(name, args):
     model.compile(keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True),
                   "sparse_categorical_crossentropy",
                   jit_compile="auto" if args.jit is None else args.jit)
-    return model, remat
+    return model
 
 
 def child(args):
@@ -101,12 +97,14 @@ def child(args):
     y = rng.integers(0, 10, len(x))
     names = args.child.split(",")
     models, result = {}, {}
+    remat = keras.remat
     for name in names:
-        model, remat = build(name, args)
-        result[name] = {"step_peak_mb": step_peak_mb(model, x, y),  # also 2 warm-up steps
+        if name.endswith(":noremat"):  # keras.remat is read when the model is traced
+            keras.remat = lambda f: f
+        models[name] = model = build(name, args)
+        result[name] = {"step_peak_mb": step_peak_mb(model, x, y),  # traces; 2 warm-up steps
                         "gflop_per_image": 3 * forward_flops(model) / 1e9, "seconds": []}
-        keras.remat = remat  # traced by now; the next model gets the original
-        models[name] = model
+        keras.remat = remat
     for step in range(args.steps):
         for name in names if step % 2 == 0 else names[::-1]:
             start = time.perf_counter()
