@@ -1,15 +1,17 @@
 """Pretrained weights: one registry keyed ``arch.tag``, hash-checked loading, model cards.
 
 ``REGISTRY`` is plain data. Weights files are looked up, in order, in
-``$KERAS_NEWTON_ZOO``, the repository's ``zoo/`` folder, and
-``$KERAS_NEWTON_HOME/models`` (default ``~/.keras/keras_newton/models``); an entry
-with a ``url`` is downloaded there with ``keras.utils.get_file``. The sha256 is
-checked before every load.
+``$KERAS_NEWTON_ZOO``, the repository's ``zoo/`` folder,
+``<sys.prefix>/share/keras-newton/zoo`` (where a wheel installs them) and
+``$KERAS_NEWTON_HOME/models`` (default ``~/.keras/keras_newton/models``); an entry with
+a ``url`` is downloaded there with ``keras.utils.get_file``. The sha256 is checked
+before every load.
 """
 
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
 PAPER = ("Shen et al., Newton design: designing CNNs with the family of Newton's methods, "
          "Sci China Inf Sci 66(6):162101, 2023")
 REPO_ZOO = Path(__file__).resolve().parents[1] / "zoo"
+INSTALLED_ZOO = Path(sys.prefix) / "share" / "keras-newton" / "zoo"  # setup.cfg data_files
 REGISTRY_FILE = Path(__file__).with_name("zoo_registry.json")
 
 # Filled from zoo_registry.json (written by `keras-newton zoo add`, never by hand).
@@ -73,7 +76,7 @@ def weights_path(arch, tag):
     """Local, hash-verified path of the weights ``arch.tag``."""
     entry = get_entry(arch, tag)
     folders = [Path(p) for p in [os.environ.get("KERAS_NEWTON_ZOO")] if p]
-    folders += [REPO_ZOO, home() / "models"]
+    folders += [REPO_ZOO, INSTALLED_ZOO, home() / "models"]
     for folder in folders:
         candidate = folder / entry["file"]
         if candidate.exists():

@@ -2,6 +2,10 @@
 
 import json
 import os
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import h5py
@@ -49,6 +53,33 @@ def test_registry_schema_matches_models():
         assert len(entry["class_names"]) == entry["classes"], key
         with h5py.File(zoo.weights_path(*key.split(".", 1))) as f:  # layers only
             assert "optimizer" not in f and "layers" in f, key
+
+
+@pytest.mark.slow
+def test_wheel_ships_registry_and_weights(tmp_path):
+    """A non-editable install finds the registry and every released weights file."""
+    source = tmp_path / "src"  # a copy: an in-tree build/ folder would mask what setup.cfg says
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".*", "build", "runs", "*.egg-info", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path), str(source)], check=True, cwd=tmp_path)
+    (wheel,) = tmp_path.glob("keras_newton-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "keras_newton/zoo_registry.json" in names
+    installed = zoo.INSTALLED_ZOO.relative_to(sys.prefix).as_posix()
+    for entry in zoo.REGISTRY.values():
+        assert any(n.endswith(f".data/data/{installed}/{entry['file']}") for n in names), entry
+
+
+def test_installed_zoo_is_searched(fake_entry, tmp_path, monkeypatch):
+    _, path = fake_entry
+    monkeypatch.delenv("KERAS_NEWTON_ZOO")
+    monkeypatch.setattr(zoo, "INSTALLED_ZOO", tmp_path / "share")
+    with pytest.raises(ValueError, match="newton_cgnet10.test.weights.h5 of .* not found"):
+        zoo.weights_path("newton_cgnet10", "test")
+    zoo.INSTALLED_ZOO.mkdir()
+    path.rename(zoo.INSTALLED_ZOO / path.name)
+    assert zoo.weights_path("newton_cgnet10", "test") == zoo.INSTALLED_ZOO / path.name
 
 
 def test_strip_optimizer(tmp_path, rng):
