@@ -11,6 +11,7 @@ def add_arguments(parser):
     add.add_argument("--run", required=True, help="the run's --out folder")
     add.add_argument("--tag", required=True, help="e.g. cifar10")
     add.add_argument("--dataset-label", default="CIFAR-10 (JPEG-75 re-encoding)")
+    add.add_argument("--commit", help="commit the run started at (default: HEAD)")
     add.add_argument("--notes", default="")
 
 
@@ -60,7 +61,7 @@ def add(args):
                                              config["val_size"], config["seed"])
     n_train = len(load_dataset(config["dataset"], config["data"], "train")) - len(labels)
     metrics = evaluate_model(arch, str(target), images, labels, prep, len(class_names))
-    commit = summary.get("commit") or subprocess.run(
+    commit = args.commit or summary.get("commit") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     zoo.REGISTRY[key] = {
         "file": target.name,
