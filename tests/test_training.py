@@ -19,7 +19,9 @@ from keras_newton.training import (
     read_history,
     train,
 )
+from keras_newton.training import callbacks as callbacks_module
 from keras_newton.training import cli as train_cli
+from keras_newton.training.callbacks import TimeBudget
 
 
 @pytest.fixture
@@ -82,6 +84,86 @@ def test_lr_is_divided_by_10_at_50_and_75_percent():
     np.testing.assert_allclose(list(lrs.values()), [0.1, 0.1, 0.01, 0.01, 0.001, 0.001],
                                rtol=1e-6)
     assert optimizer.nesterov and optimizer.momentum == 0.9
+
+
+class Clock:
+    """A fake ``time.monotonic``."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def budget_epochs(clock, budget, seconds_per_epoch, tmp_path, epochs=300, resume_from=None):
+    """Drives `TimeBudget` through epochs of the given durations; returns the callback, the
+    epochs run and the lr set at each."""
+    recipe = get_recipe("cifar10", epochs=epochs)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    budget = TimeBudget(recipe, budget, tmp_path, start=0.0)
+    budget.set_model(model)
+    budget.on_train_begin()
+    lrs = []
+    for epoch, seconds in enumerate(seconds_per_epoch):
+        if resume_from is not None and epoch < resume_from:
+            continue
+        budget.on_epoch_begin(epoch)
+        lrs.append(round(float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)), 6))
+        clock.now += seconds
+        budget.on_epoch_end(epoch)
+        if model.stop_training:
+            break
+    return budget, lrs
+
+
+def test_time_budget_fits_the_schedule_into_the_budget(tmp_path, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(callbacks_module.time, "monotonic", clock)
+    # Epoch 1 (compile) 30 s, then 10 s each: after epoch 2, 60 s are left, at 10.5 s per
+    # epoch 5 more fit: 7 epochs, lr / 10 at epoch 3.5 -> 4 and 5.25 -> 6 (0-based).
+    budget, lrs = budget_epochs(clock, 100, [30] + [10] * 20, tmp_path)
+    assert budget.epochs == 7 and len(lrs) == 7
+    assert lrs == [0.1] * 4 + [0.01] * 2 + [0.001]
+    assert clock.now <= 100
+    saved = json.loads((tmp_path / "budget.json").read_text())
+    assert saved["epochs"] == 7 and saved["decided_after_epoch"] == 2
+    assert saved["epoch_seconds"] == 10
+
+    # Resumed at epoch 5 with a fresh clock: the saved length and schedule are kept.
+    clock.now = 0.0
+    _, lrs = budget_epochs(clock, 100, [30] + [10] * 20, tmp_path, resume_from=4)
+    assert lrs == [0.01] * 2 + [0.001]
+
+    # Never more than the recipe's epochs; the schedule is then the plain recipe's.
+    (tmp_path / "budget.json").unlink()
+    clock.now = 0.0
+    budget, lrs = budget_epochs(clock, 1000, [1] * 20, tmp_path, epochs=4)
+    assert budget.epochs == 4 and lrs == [0.1, 0.1, 0.01, 0.001]
+
+
+def test_time_budget_stops_before_an_epoch_that_would_not_fit(tmp_path, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(callbacks_module.time, "monotonic", clock)
+    # Planned 2 + (100 - 50) // 10.5 = 6 epochs, but epoch 4 takes 20 s: the run stops
+    # there (at 80 s), as a fifth epoch of 20 s would end past 100 s.
+    budget, lrs = budget_epochs(clock, 100, [40, 10, 10, 20, 20, 20], tmp_path)
+    assert budget.epochs == 6
+    assert len(lrs) == 4 and clock.now == 80
+
+
+@pytest.mark.backend_agnostic  # the GPU script trains with JAX
+def test_train_with_a_time_budget(tiny, tmp_path):
+    summary = train(**tiny_run(tiny, tmp_path / "run", epochs=4), time_budget=3600)
+    assert summary["epochs"] == 4 and summary["time_budget"] == 3600
+    rows = read_history(tmp_path / "run")
+    np.testing.assert_allclose([r["lr"] for r in rows], [0.1, 0.1, 0.01, 0.001], rtol=1e-6)
+    assert json.loads((tmp_path / "run" / "budget.json").read_text())["epochs"] == 4
+    # A budget that the first epoch already uses up: the two timed epochs are the run.
+    summary = train(**tiny_run(tiny, tmp_path / "short", epochs=4), time_budget=0.001)
+    assert summary["epochs"] == 2
+    assert json.loads((tmp_path / "short" / "budget.json").read_text())["epochs"] == 2
 
 
 def test_train_command_end_to_end(tiny, tmp_path, capsys):
@@ -204,6 +286,7 @@ def test_baseline_has_no_dropout(tiny, tmp_path):
     ({"data": "missing.tar.xz"}, r"does not exist. Received: data="),
     ({"dataset": "folder", "data": None}, r"Received: data=None"),
     ({"limit": 0}, r"Received: limit=0"),
+    ({"time_budget": 0}, r"positive number of seconds or None. Received: time_budget=0"),
     ({"batch_size": 64}, r"larger than the 30 training images. Received: batch_size=64"),
     ({"val_size": 36}, r"Received: val_size=36"),
     ({"distribute": "tpu"}, r"Received: distribute='tpu'"),
@@ -251,7 +334,7 @@ def test_gpu_script_without_tensorflow(tmp_path):
     archive = tmp_path / "images.tar"
     with tarfile.open(archive, "w") as tar:
         tar.add(tmp_path / "images" / "train", arcname="train")
-    env = {**os.environ, "PYTHONPATH": str(hide), "DEPTHS": "10", "EPOCHS_10": "1",
+    env = {**os.environ, "PYTHONPATH": str(hide), "DEPTHS": "10", "EPOCHS_10": "2",
            "KERAS_NEWTON_HOME": str(tmp_path / "home"),
            "EXTRA_ARGS": "--val-size 20 --batch-size 20",
            "DATA": str(archive), "OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "runs"),
@@ -265,11 +348,12 @@ def test_gpu_script_without_tensorflow(tmp_path):
         names = sorted(m.name for m in tar.getmembers() if m.isfile())
         tar.extractall(tmp_path / "back", filter="data")
     assert names == sorted(f"newton_cgnet10/{n}" for n in (
-        "best.json", "best.weights.h5", "config.json", "curves.png", "history.csv",
-        "preprocessing.json", "summary.json"))
+        "best.json", "best.weights.h5", "budget.json", "config.json", "curves.png",
+        "history.csv", "preprocessing.json", "summary.json"))
     run = tmp_path / "back" / "newton_cgnet10"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["backend"] == "jax" and summary["mixed_precision"] is True
+    assert summary["epochs"] == 2 and summary["time_budget"] == 580  # SECONDS_10 - 20
     assert json.loads((run / "config.json").read_text())["augment"] is True
     # The weights, optimizer state stripped, load into a fresh model.
     model = NewtonCGNet10(weights=str(run / "best.weights.h5"))

@@ -1,4 +1,5 @@
-"""Callbacks of a training run: resumable history, best weights, curves, NaN stop."""
+"""Callbacks of a training run: resumable history, best weights, curves, NaN stop, time
+budget."""
 
 import csv
 import json
@@ -14,6 +15,7 @@ HISTORY_CSV = "history.csv"
 BEST_WEIGHTS = "best.weights.h5"
 BEST_JSON = "best.json"
 CURVES_PNG = "curves.png"
+BUDGET_JSON = "budget.json"
 
 
 class LossDivergedError(RuntimeError):
@@ -148,3 +150,63 @@ class StopOnNaN(keras.callbacks.TerminateOnNaN):
                 f"The training loss became {float(loss)} at epoch {self._epoch + 1}, batch "
                 f"{batch + 1}; training stopped. {self.hint}"
             )
+
+
+def milestone_lr(recipe, epoch, epochs):
+    """The recipe's step schedule per epoch: ``lr`` times ``lr_factor`` per milestone passed
+    (milestones are fractions of ``epochs``; ``epoch`` is 0-based)."""
+    passed = sum(epoch + 1e-9 >= m * epochs for m in recipe["lr_milestones"])
+    return recipe["lr"] * recipe["lr_factor"] ** passed
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Fits the recipe's step schedule into ``seconds`` of wall time.
+
+    After ``probe_epochs`` epochs (the first one also compiles), the epochs that still fit
+    (at the last epoch's duration, plus 5%) fix the run's length, at most the recipe's
+    ``epochs``; the learning-rate milestones are fractions of that length. The decision is
+    kept in ``out/budget.json``, so a resumed run keeps its schedule. After the probe,
+    training also stops whenever the next epoch would end past the budget; it always runs
+    the probe epochs. The model must be compiled with a constant learning rate, which this
+    callback sets at each epoch.
+
+    Args:
+        recipe: the run's recipe (``epochs``, ``lr``, ``lr_factor``, ``lr_milestones``).
+        seconds: the budget, counted from ``start``.
+        out: the run's output folder.
+        start: ``time.monotonic()`` at which the budget began (default: at ``fit``).
+        probe_epochs: epochs timed before the length is fixed.
+    """
+
+    def __init__(self, recipe, seconds, out, start=None, probe_epochs=2):
+        super().__init__()
+        self.recipe, self.seconds, self.path = recipe, float(seconds), Path(out) / BUDGET_JSON
+        self.start, self.probe_epochs = start, probe_epochs
+        self.epochs = None
+
+    def on_train_begin(self, logs=None):
+        if self.start is None:
+            self.start = time.monotonic()
+        if self.path.exists():
+            self.epochs = json.loads(self.path.read_text())["epochs"]
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.monotonic()
+        self.model.optimizer.learning_rate = milestone_lr(
+            self.recipe, epoch, self.epochs or self.recipe["epochs"])
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 < self.probe_epochs:  # the first epoch's time includes compiling
+            return
+        now = time.monotonic()
+        last = (now - self._epoch_start) * 1.05
+        left = self.seconds - (now - self.start)
+        if self.epochs is None:
+            self.epochs = min(self.recipe["epochs"], epoch + 1 + max(0, int(left // last)))
+            _atomic_write_text(self.path, json.dumps(
+                {"seconds": self.seconds, "epochs": self.epochs, "decided_after_epoch":
+                 epoch + 1, "epoch_seconds": round(last / 1.05, 3)}, indent=1))
+            print(f"Time budget: {self.epochs} epochs fit in {self.seconds:g} s "
+                  f"({last / 1.05:.1f} s per epoch).")
+        if epoch + 1 >= self.epochs or left < last:
+            self.model.stop_training = True

@@ -65,6 +65,10 @@ def add_arguments(parser):
                         help="text models: characters per text (1024, the paper's s)")
     parser.add_argument("--hidden-units", type=int, default=None,
                         help="text models: width of the two hidden FC layers (2048)")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="fit the run into SECONDS of wall time: the epochs that fit, "
+                             "timed after epoch 2 (at most --epochs), set its length and lr "
+                             "milestones")
     parser.add_argument("--no-test", dest="evaluate_test", action="store_false",
                         help="skip the final test-split evaluation")
     parser.add_argument("--overwrite", action="store_true",
@@ -90,7 +94,7 @@ def run(args):
             model=args.model, dataset=args.dataset, data=args.data, out=args.out,
             augment=args.augment, distribute=args.distribute, limit=args.limit, seed=args.seed,
             verbose=args.verbose, overwrite=args.overwrite, evaluate_test=args.evaluate_test,
-            mixed_precision=args.mixed_precision,
+            mixed_precision=args.mixed_precision, time_budget=args.time_budget,
             command=command, **overrides,
         )
     except LossDivergedError as e:

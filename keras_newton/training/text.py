@@ -199,8 +199,10 @@ def run_text_cli(args, overrides, command):
                 raise ValueError(f"--{flag.replace('_', '-')} applies to text models only. "
                                  f"Received: model={args.model!r}")
         return None
-    if getattr(args, "augment", False) or getattr(args, "mixed_precision", False):
-        raise ValueError("--augment and --mixed-precision apply to image models only. "
+    if (getattr(args, "augment", False) or getattr(args, "mixed_precision", False)
+            or getattr(args, "time_budget", None) is not None):
+        raise ValueError("--augment, --mixed-precision and --time-budget apply to image "
+                         "models only. "
                          f"Received: model={args.model!r}, dataset={args.dataset!r}")
     try:
         summary = train_text(

@@ -34,21 +34,25 @@ BACKUP_DIR = "backup"
 LOG_DIR = "logs"
 # Everything a run writes in its output folder (what `overwrite=True` removes).
 RUN_FILES = (CONFIG_JSON, PREPROCESSING_JSON, SUMMARY_JSON, MODEL_KERAS, BACKUP_DIR, LOG_DIR,
-             cb.HISTORY_CSV, cb.BEST_WEIGHTS, cb.BEST_JSON, cb.CURVES_PNG, "workers")
+             cb.HISTORY_CSV, cb.BEST_WEIGHTS, cb.BEST_JSON, cb.CURVES_PNG, cb.BUDGET_JSON,
+             "workers")
 
 
-def compile_for_recipe(model, recipe, steps_per_epoch):
+def compile_for_recipe(model, recipe, steps_per_epoch, per_epoch_lr=False):
     """Compiles ``model`` with the recipe's SGD, step schedule, loss and accuracy.
 
     The learning rate is ``lr`` times ``lr_factor`` for each milestone passed; the
-    milestones are fractions of the ``epochs * steps_per_epoch`` training steps.
-    Weight decay is not added here: it is the builders' ``weight_decay`` (an L2 term).
+    milestones are fractions of the ``epochs * steps_per_epoch`` training steps. With
+    ``per_epoch_lr`` it is a plain variable instead, which a callback sets each epoch
+    (`callbacks.TimeBudget`). Weight decay is not added here: it is the builders'
+    ``weight_decay`` (an L2 term).
     """
     total = recipe["epochs"] * steps_per_epoch
     # PiecewiseConstantDecay switches after step b, i.e. from step b + 1 on.
     boundaries = [int(m * total) - 1 for m in recipe["lr_milestones"]]
     values = [recipe["lr"] * recipe["lr_factor"] ** i for i in range(len(boundaries) + 1)]
-    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+    schedule = (recipe["lr"] if per_epoch_lr
+                else keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values))
     model.compile(
         optimizer=keras.optimizers.SGD(schedule, momentum=recipe["momentum"],
                                        nesterov=recipe["nesterov"]),
@@ -77,14 +81,17 @@ def _run_folder(dist, recipe, out):
     return out if dist.is_chief else out / "workers" / f"worker{dist.worker_index}"
 
 
-def _fit_best(net, train_ds, val_ds, recipe, run_out, title, callbacks, resuming, verbose):
-    """Fits with the run's callbacks (log, backup, NaN stop, TensorBoard, ``callbacks``) and
-    loads the best weights.
+def _fit_best(net, train_ds, val_ds, recipe, run_out, title, callbacks, resuming, verbose,
+              time_budget=None, called=None):
+    """Fits with the run's callbacks (time budget, log, backup, NaN stop, TensorBoard,
+    ``callbacks``) and loads the best weights.
 
     Returns:
         ``(history rows, best.json, start time)``.
     """
     run_callbacks = [
+        # First: it sets the lr that RunLogger logs.
+        *([cb.TimeBudget(recipe, time_budget, run_out, start=called)] if time_budget else []),
         cb.RunLogger(run_out, monitor="val_accuracy", title=title),
         keras.callbacks.BackupAndRestore(str(run_out / BACKUP_DIR), double_checkpoint=True),
         cb.StopOnNaN(
@@ -212,6 +219,7 @@ def train(
     command=None,
     cache_dir=None,
     mixed_precision=False,
+    time_budget=None,
     **overrides,
 ):
     """Trains a registered model on a dataset with the paper's recipe, resumably.
@@ -244,6 +252,9 @@ def train(
         cache_dir: cache root for local sources.
         mixed_precision: build the model with the ``"mixed_bfloat16"`` policy (bf16
             compute, float32 variables and classifier), for GPUs.
+        time_budget: seconds this call may take (data loading included): the epochs that
+            fit, measured after epoch 2 and at most ``epochs``, set the run's length and
+            its lr milestones (`callbacks.TimeBudget`; kept when resumed).
         **overrides: recipe values (``lr``, ``batch_size``, ``epochs``,
             ``weight_decay``, ``dropout``, ``momentum``, ``nesterov``, ``lr_milestones``,
             ``lr_factor``, ``val_size``, ``train_split``).
@@ -255,6 +266,7 @@ def train(
         ValueError: for bad arguments or data.
         LossDivergedError: when the loss becomes NaN or Inf.
     """
+    called = time.monotonic()
     model_name = canonical_name(model)
     if model_name in TEXT_MODELS:
         raise ValueError(f"{model_name} is a text model: train it with "
@@ -272,6 +284,10 @@ def train(
         recipe["dropout"] = None
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"`limit` must be a positive integer. Received: limit={limit!r}")
+    if time_budget is not None and (isinstance(time_budget, bool) or not isinstance(
+            time_budget, (int, float)) or not time_budget > 0):
+        raise ValueError("`time_budget` must be a positive number of seconds or None. "
+                         f"Received: time_budget={time_budget!r}")
 
     if data is not None:
         data = check_source(data)
@@ -290,6 +306,7 @@ def train(
         "limit": limit, "seed": seed, **recipe,
         # Only when set, so that runs from before the option still resume.
         **({"mixed_precision": True} if mixed_precision else {}),
+        **({"time_budget": time_budget} if time_budget is not None else {}),
     }
     resuming = _check_out(run_out, config, overwrite)
 
@@ -326,12 +343,12 @@ def train(
                           weight_decay=recipe["weight_decay"], **kwargs)
         finally:
             keras.config.set_dtype_policy(policy)
-        compile_for_recipe(net, recipe, steps_per_epoch)
+        compile_for_recipe(net, recipe, steps_per_epoch, per_epoch_lr=time_budget is not None)
         if dist.kind == "multiworker":
             fix_multiworker_build(net)
         rows, best, started = _fit_best(
             net, train_ds, val_ds, recipe, run_out, f"{model_name} on {dataset} "
-            f"({recipe['recipe']})", callbacks, resuming, verbose)
+            f"({recipe['recipe']})", callbacks, resuming, verbose, time_budget, called)
         test_accuracy = None
         test = _test_split(dataset, data, cache_dir) if evaluate_test else None
         if test is not None:
@@ -363,6 +380,7 @@ def train(
         "wall_seconds_this_session": round(time.time() - started, 1),
         "params": int(net.count_params()),
         "mixed_precision": bool(mixed_precision),
+        "time_budget": time_budget,
         "distribute": dist.kind,
         "replicas": dist.num_replicas,
         "backend": keras.backend.backend(),
