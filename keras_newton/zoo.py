@@ -118,6 +118,8 @@ def model_card(key):
     e = REGISTRY[key]
     metrics = "\n".join(f"| {k} | {v} |" for k, v in e["metrics"].items())
     prep = e["preprocessing"]
+    trained_with = (f"trained with {e['recipe']['trained_with']}. "
+                    if "trained_with" in e["recipe"] else "")
     return f"""# {key}
 
 Generated from `keras_newton/zoo_registry.json` by `keras-newton zoo cards`; do not edit.
@@ -150,7 +152,7 @@ Classes: {', '.join(e['class_names'])}.
 ```
 {e['recipe']['command']}
 ```
-commit `{e['recipe']['commit']}`; {e['recipe'].get('notes', '')}
+commit `{e['recipe']['commit']}`; {trained_with}{e['recipe'].get('notes', '')}
 """
 
 

@@ -178,3 +178,51 @@ def test_card_accuracy_is_reproduced(key):
     confusion = np.asarray(metrics["confusion"])
     assert confusion.sum() == len(labels)
     assert abs(np.trace(confusion) / len(labels) - metrics["top1"]) < 1e-12
+
+
+def test_zoo_add_registers_a_time_budgeted_run(tmp_path, monkeypatch):
+    """`keras-newton zoo add`: the epochs trained (not asked for), the accuracy measured on
+    the hold-out, the stripped file, its card and golden logits."""
+    from test_data import make_image_tree
+
+    from keras_newton import cli
+    from keras_newton.data import holdout_split, load_dataset
+    from keras_newton.training import train
+
+    monkeypatch.setenv("KERAS_NEWTON_HOME", str(tmp_path / "home"))
+    data = tmp_path / "images"
+    make_image_tree(data, per_class={"train": 12})
+    run = tmp_path / "run"
+    # A budget used up by the first epoch: the two timed epochs of the four asked for.
+    train(model="newton_cgnet10", dataset="folder", data=data, out=run, epochs=4,
+          batch_size=8, val_size=6, verbose=0, distribute="none", time_budget=0.001)
+    monkeypatch.setattr(zoo, "REPO_ZOO", tmp_path / "zoo")
+    monkeypatch.setattr(zoo, "REGISTRY_FILE", tmp_path / "registry.json")
+    monkeypatch.setattr(zoo, "REGISTRY", {})
+    assert cli.main(["zoo", "add", "--run", str(run), "--tag", "tiny", "--commit", "abc1234",
+                     "--dataset-label", "tiny folder"]) == 0
+
+    entry = json.loads((tmp_path / "registry.json").read_text())["newton_cgnet10.tiny"]
+    assert set(zoo.REQUIRED_FIELDS) <= set(entry)
+    assert entry["epochs"] == 2 and entry["classes"] == 3
+    assert entry["num_params"] == kn.NewtonCGNet10(classes=3).count_params()
+    weights = tmp_path / "zoo" / entry["file"]
+    assert entry["sha256"] == zoo.sha256(weights)
+    with h5py.File(weights) as f:
+        assert "optimizer" not in f
+
+    # The hold-out accuracy, recomputed from the images with the run's mean/std.
+    source = load_dataset("folder", data=data)
+    _, val_idx = holdout_split(source.labels, 6, seed=0)
+    prep = json.loads((run / "preprocessing.json").read_text())
+    x = (source.images[val_idx].astype("float32") - prep["mean"]) / prep["std"]
+    model = kn.NewtonCGNet10(weights=str(weights), classes=3)
+    accuracy = np.mean(np.argmax(model.predict(x, verbose=0), -1) == source.labels[val_idx])
+    assert entry["metrics"]["val_top1"] == pytest.approx(accuracy, abs=1e-4)
+    assert entry["metrics"]["val_images"] == 6
+
+    card = (tmp_path / "zoo" / "newton_cgnet10.tiny.md").read_text()
+    assert f"trained with {keras.backend.backend()}, float32, time budget 0.001 s" in card
+    assert "commit `abc1234`" in card and "| epochs | 2 |" in card
+    golden = json.loads((tmp_path / "zoo" / "golden.json").read_text())
+    assert len(golden["newton_cgnet10.tiny"]) == 6  # 2 inputs x 3 classes

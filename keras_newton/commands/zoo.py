@@ -35,6 +35,15 @@ def golden_logits(arch, tag):
     return [round(float(v), 6) for v in keras.ops.convert_to_numpy(model(x)).ravel()[:10]]
 
 
+def _trained_with(summary):
+    """E.g. 'jax, bf16 mixed precision, time budget 310 s (12.3 s per epoch)'."""
+    parts = [summary.get("backend", "tensorflow"),
+             "bf16 mixed precision" if summary.get("mixed_precision") else "float32"]
+    if summary.get("time_budget"):
+        parts.append(f"time budget {summary['time_budget']:g} s")
+    return ", ".join(parts) + f" ({summary['seconds_per_epoch']:.1f} s per epoch)"
+
+
 def add(args):
     import datetime
     import json
@@ -66,7 +75,7 @@ def add(args):
     zoo.REGISTRY[key] = {
         "file": target.name,
         "sha256": zoo.sha256(target),
-        "num_params": models.get_model(arch).count_params(),
+        "num_params": models.get_model(arch, classes=len(class_names)).count_params(),
         "classes": len(class_names),
         "dataset": args.dataset_label,
         "split": f"{n_train} train / {len(labels)} validation images: a seeded "
@@ -76,9 +85,9 @@ def add(args):
                     "val_per_class": dict(zip(class_names, metrics["per_class_accuracy"],
                                               strict=True))},
         "eval": {"split": "val", "val_size": config["val_size"], "seed": config["seed"]},
-        "epochs": config["epochs"],
+        "epochs": summary["epochs"],  # trained; a time budget may stop before --epochs
         "recipe": {"command": summary.get("command") or "", "commit": commit,
-                   "notes": args.notes},
+                   "trained_with": _trained_with(summary), "notes": args.notes},
         "preprocessing": {"mean": prep["mean"], "std": prep["std"]},
         "class_names": class_names,
         "date": datetime.date.today().isoformat(),
