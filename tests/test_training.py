@@ -287,6 +287,8 @@ def test_baseline_has_no_dropout(tiny, tmp_path):
     ({"dataset": "folder", "data": None}, r"Received: data=None"),
     ({"limit": 0}, r"Received: limit=0"),
     ({"time_budget": 0}, r"positive number of seconds or None. Received: time_budget=0"),
+    ({"time_budget": 60, "distribute": "multiworker"}, r"needs one process.*Received: "
+     r"time_budget=60, distribute='multiworker'"),
     ({"batch_size": 64}, r"larger than the 30 training images. Received: batch_size=64"),
     ({"val_size": 36}, r"Received: val_size=36"),
     ({"distribute": "tpu"}, r"Received: distribute='tpu'"),

@@ -288,6 +288,10 @@ def train(
             time_budget, (int, float)) or not time_budget > 0):
         raise ValueError("`time_budget` must be a positive number of seconds or None. "
                          f"Received: time_budget={time_budget!r}")
+    if time_budget is not None and distribute == "multiworker":
+        raise ValueError("`time_budget` needs one process: each worker would time its own "
+                         "epochs and pick its own run length. Received: time_budget="
+                         f"{time_budget!r}, distribute='multiworker'")
 
     if data is not None:
         data = check_source(data)
