@@ -143,6 +143,24 @@ def test_time_budget_fits_the_schedule_into_the_budget(tmp_path, monkeypatch):
     assert budget.epochs == 4 and lrs == [0.1, 0.1, 0.01, 0.001]
 
 
+@pytest.mark.backend_agnostic
+def test_time_budget_lr_is_the_one_the_steps_use(tmp_path):
+    """The compiled step reads the lr that the callback sets (0: nothing moves)."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    before = [w.copy() for w in model.get_weights()]
+    x, y = np.ones((8, 2), "float32"), np.zeros((8, 1), "float32")
+    zero = {**get_recipe("cifar10", epochs=3), "lr": 0.0}
+    model.fit(x, y, epochs=3, batch_size=4, verbose=0,
+              callbacks=[TimeBudget(zero, 3600, tmp_path)])
+    for w, w0 in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(w, w0)
+    model.optimizer.learning_rate = 0.0
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0,  # and at the callback's 0.1 they move
+              callbacks=[TimeBudget(get_recipe("cifar10", epochs=1), 3600, tmp_path / "b")])
+    assert not np.array_equal(model.get_weights()[0], before[0])
+
+
 def test_time_budget_stops_before_an_epoch_that_would_not_fit(tmp_path, monkeypatch):
     clock = Clock()
     monkeypatch.setattr(callbacks_module.time, "monotonic", clock)
