@@ -28,7 +28,14 @@ def build_parser():
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in COMMANDS.items():
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:  # a dependency of this command only (keras_tuner)
+            if (e.name or "keras_newton").partition(".")[0] == "keras_newton":
+                raise
+            p = sub.add_parser(name, help=f"(unavailable: needs {e.name})")
+            p.set_defaults(_missing=e.name)
+            continue
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
         p.set_defaults(_module=module)
@@ -36,7 +43,14 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, _ = parser.parse_known_args(argv)
+    if getattr(args, "_missing", None):
+        print(f"keras-newton {args.command}: error: this command needs the package "
+              f"{args._missing!r}, which is not installed (pip install "
+              f"{args._missing.replace('_', '-')}).", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         return args._module.run(args) or 0
     except ValueError as e:  # bad user input: one clear line, no traceback

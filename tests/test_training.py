@@ -349,7 +349,7 @@ def test_gpu_script_without_tensorflow(tmp_path):
     hide.mkdir()
     (hide / "sitecustomize.py").write_text(  # `import tensorflow` fails, find_spec is None
         "import sys\nfor m in ('tensorflow', 'tensorflow_text', 'tensorflow_datasets', "
-        "'tf2onnx'):\n    sys.modules[m] = None\n")
+        "'tf2onnx', 'keras_tuner'):\n    sys.modules[m] = None\n")  # as on the GPU machine
     make_image_tree(tmp_path / "images", classes=CIFAR10_CLASSES, per_class={"train": 8})
     archive = tmp_path / "images.tar"
     with tarfile.open(archive, "w") as tar:

@@ -362,3 +362,19 @@ def test_search_under_mirrored_strategy(images, tmp_path):
     results = json.loads(line[len("RESULTS "):])
     assert results["distribute"] == "mirrored" and results["replicas"] == 2
     assert results["trials_completed"] == 1 and results["final_val_accuracy"] is not None
+
+
+def test_cli_without_keras_tuner(monkeypatch, capsys):
+    """Where keras_tuner is missing (the GPU machine), `tune` says so; the rest works."""
+    import sys
+
+    from keras_newton import cli
+
+    for name in [m for m in sys.modules if m.startswith("keras_newton.tuning")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "keras_tuner", None)  # `import keras_tuner` fails
+    assert cli.main(["tune", "--model", "newton_cgnet10", "--max-trials", "2"]) == 2
+    assert "needs the package 'keras_tuner'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        cli.main(["train", "--help"])
+    assert done.value.code == 0 and "--time-budget" in capsys.readouterr().out
