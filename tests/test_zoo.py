@@ -180,7 +180,7 @@ def test_card_accuracy_is_reproduced(key):
     assert abs(np.trace(confusion) / len(labels) - metrics["top1"]) < 1e-12
 
 
-def test_zoo_add_registers_a_time_budgeted_run(tmp_path, monkeypatch):
+def test_zoo_add_registers_a_time_budgeted_run(tmp_path, monkeypatch, capsys):
     """`keras-newton zoo add`: the epochs trained (not asked for), the accuracy measured on
     the hold-out, the stripped file, its card and golden logits."""
     from test_data import make_image_tree
@@ -199,8 +199,18 @@ def test_zoo_add_registers_a_time_budgeted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(zoo, "REPO_ZOO", tmp_path / "zoo")
     monkeypatch.setattr(zoo, "REGISTRY_FILE", tmp_path / "registry.json")
     monkeypatch.setattr(zoo, "REGISTRY", {})
-    assert cli.main(["zoo", "add", "--run", str(run), "--tag", "tiny", "--commit", "abc1234",
-                     "--dataset-label", "tiny folder"]) == 0
+    # The source moved (a run trained on another machine): --data, checked by content.
+    moved = data.rename(tmp_path / "moved")
+    add = ["zoo", "add", "--run", str(run), "--tag", "tiny", "--commit", "abc1234",
+           "--dataset-label", "tiny folder"]
+    assert cli.main(add) == 2
+    assert "The data source does not exist" in capsys.readouterr().err
+    other = tmp_path / "other"
+    make_image_tree(other, per_class={"train": 11})
+    assert cli.main([*add, "--data", str(other)]) == 2
+    assert "not the source this run was trained on" in capsys.readouterr().err
+    assert cli.main([*add, "--data", str(moved)]) == 0
+    data = moved
 
     entry = json.loads((tmp_path / "registry.json").read_text())["newton_cgnet10.tiny"]
     assert set(zoo.REQUIRED_FIELDS) <= set(entry)

@@ -11,8 +11,10 @@
 # It writes to $OUT (default out/gpu) one tar per model: the run folder (best weights,
 # config, preprocessing, history, curves, summary) without backup/, logs/ and model.keras.
 # Here: `tar -C runs -xf newton_cgnet82.tar && keras-newton zoo add --run
-# runs/newton_cgnet82 --tag cifar10` (evaluates and registers it). A run stopped by its
-# time limit has no summary.json: rerun it with more time, or fewer epochs.
+# runs/newton_cgnet82 --tag cifar10 --data ../shared/datasets/cifar10-jpeg/train.tar.xz`
+# (evaluates and registers it; --data because the run's config has the GPU machine's
+# path, and it must be the same archive: checked by sha256). A run stopped by its time
+# limit has no summary.json: rerun it with more time, or fewer epochs.
 #
 # Each model gets SECONDS_<depth> of wall time (default 160 for 56, 330 for 82: about
 # 8.5 minutes with the install): `--time-budget` times its second epoch and fits the

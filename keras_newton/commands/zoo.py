@@ -12,6 +12,8 @@ def add_arguments(parser):
     add.add_argument("--tag", required=True, help="e.g. cifar10")
     add.add_argument("--dataset-label", default="CIFAR-10 (JPEG-75 re-encoding)")
     add.add_argument("--commit", help="commit the run started at (default: HEAD)")
+    add.add_argument("--data", help="the run's training source, where it is now (default: "
+                                    "the path in its config.json; checked by content)")
     add.add_argument("--notes", default="")
 
 
@@ -44,6 +46,19 @@ def _trained_with(summary):
     return ", ".join(parts) + f" ({summary['seconds_per_epoch']:.1f} s per epoch)"
 
 
+def _run_source(config, data):
+    """The run's local source: ``data`` (it must hold the same content) or the config's."""
+    from keras_newton.data.image_folder import check_source, source_key
+
+    if data is None:
+        return config["data"]
+    data = check_source(data)
+    if config.get("data_key") and source_key(data) != config["data_key"]:
+        raise ValueError(f"`--data` is not the source this run was trained on (its content "
+                         f"differs from {config['data']!r}). Received: data={str(data)!r}")
+    return str(data)
+
+
 def add(args):
     import datetime
     import json
@@ -66,9 +81,10 @@ def add(args):
     zoo.strip_optimizer(run / "best.weights.h5", target)
     for name, suffix in (("history.csv", "history.csv"), ("curves.png", "curves.png")):
         shutil.copyfile(run / name, zoo.REPO_ZOO / f"{key}.{suffix}")
-    images, labels, class_names = load_split(config["dataset"], config["data"], "val",
+    data = _run_source(config, args.data)
+    images, labels, class_names = load_split(config["dataset"], data, "val",
                                              config["val_size"], config["seed"])
-    n_train = len(load_dataset(config["dataset"], config["data"], "train")) - len(labels)
+    n_train = len(load_dataset(config["dataset"], data, "train")) - len(labels)
     metrics = evaluate_model(arch, str(target), images, labels, prep, len(class_names))
     commit = args.commit or summary.get("commit") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
