@@ -21,8 +21,9 @@ lint: $(STAMP)
 # The suite on TensorFlow (slow-marked tests included, heavy ones left out), then
 # the backend-agnostic layer/model tests on JAX. `make test-all` adds the heavy tests.
 test: lint
-	KERAS_BACKEND=tensorflow $(BIN)/pytest -q -p no:cacheprovider -m "not heavy"
-	KERAS_BACKEND=jax $(BIN)/pytest -q -p no:cacheprovider -m "backend_agnostic and not heavy"
+	KERAS_BACKEND=tensorflow $(BIN)/pytest -q -p no:cacheprovider -m "not heavy" --durations=10
+	KERAS_BACKEND=jax $(BIN)/pytest -q -p no:cacheprovider -m "backend_agnostic and not heavy" \
+	    --durations=5
 
 test-all: lint
 	KERAS_BACKEND=tensorflow $(BIN)/pytest -q -p no:cacheprovider
