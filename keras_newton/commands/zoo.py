@@ -86,7 +86,7 @@ def add(args):
                                              config["val_size"], config["seed"])
     n_train = len(load_dataset(config["dataset"], data, "train")) - len(labels)
     metrics = evaluate_model(arch, str(target), images, labels, prep, len(class_names))
-    commit = args.commit or summary.get("commit") or subprocess.run(
+    commit = args.commit or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     zoo.REGISTRY[key] = {
         "file": target.name,

@@ -47,12 +47,14 @@ def compile_for_recipe(model, recipe, steps_per_epoch, per_epoch_lr=False):
     (`callbacks.TimeBudget`). Weight decay is not added here: it is the builders'
     ``weight_decay`` (an L2 term).
     """
-    total = recipe["epochs"] * steps_per_epoch
-    # PiecewiseConstantDecay switches after step b, i.e. from step b + 1 on.
-    boundaries = [int(m * total) - 1 for m in recipe["lr_milestones"]]
-    values = [recipe["lr"] * recipe["lr_factor"] ** i for i in range(len(boundaries) + 1)]
-    schedule = (recipe["lr"] if per_epoch_lr
-                else keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values))
+    if per_epoch_lr:
+        schedule = recipe["lr"]
+    else:
+        total = recipe["epochs"] * steps_per_epoch
+        # PiecewiseConstantDecay switches after step b, i.e. from step b + 1 on.
+        boundaries = [int(m * total) - 1 for m in recipe["lr_milestones"]]
+        values = [recipe["lr"] * recipe["lr_factor"] ** i for i in range(len(boundaries) + 1)]
+        schedule = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
     model.compile(
         optimizer=keras.optimizers.SGD(schedule, momentum=recipe["momentum"],
                                        nesterov=recipe["nesterov"]),
@@ -82,16 +84,16 @@ def _run_folder(dist, recipe, out):
 
 
 def _fit_best(net, train_ds, val_ds, recipe, run_out, title, callbacks, resuming, verbose,
-              time_budget=None, called=None):
-    """Fits with the run's callbacks (time budget, log, backup, NaN stop, TensorBoard,
-    ``callbacks``) and loads the best weights.
+              lr_callback=None):
+    """Fits with the run's callbacks (``lr_callback``, log, backup, NaN stop, TensorBoard,
+    ``callbacks``) and loads the best weights. ``lr_callback`` (one that sets the learning
+    rate each epoch, e.g. `callbacks.TimeBudget`) runs first, so the log has its value.
 
     Returns:
         ``(history rows, best.json, start time)``.
     """
     run_callbacks = [
-        # First: it sets the lr that RunLogger logs.
-        *([cb.TimeBudget(recipe, time_budget, run_out, start=called)] if time_budget else []),
+        *([lr_callback] if lr_callback is not None else []),
         cb.RunLogger(run_out, monitor="val_accuracy", title=title),
         keras.callbacks.BackupAndRestore(str(run_out / BACKUP_DIR), double_checkpoint=True),
         cb.StopOnNaN(
@@ -352,7 +354,8 @@ def train(
             fix_multiworker_build(net)
         rows, best, started = _fit_best(
             net, train_ds, val_ds, recipe, run_out, f"{model_name} on {dataset} "
-            f"({recipe['recipe']})", callbacks, resuming, verbose, time_budget, called)
+            f"({recipe['recipe']})", callbacks, resuming, verbose,
+            cb.TimeBudget(recipe, time_budget, run_out, start=called) if time_budget else None)
         test_accuracy = None
         test = _test_split(dataset, data, cache_dir) if evaluate_test else None
         if test is not None:
