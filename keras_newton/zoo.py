@@ -3,12 +3,12 @@
 ``REGISTRY`` is plain data. Weights files are looked up, in order, in
 ``$KERAS_NEWTON_ZOO``, the repository's ``zoo/`` folder,
 ``<sys.prefix>/share/keras-newton/zoo`` (where a wheel installs them) and
-``$KERAS_NEWTON_HOME/models`` (default ``~/.keras/keras_newton/models``); an entry with
+``$KERAS_NEWTON_HOME/models`` (default ``$KERAS_HOME/keras_newton/models``, i.e.
+``~/.keras/keras_newton/models``); an entry with
 a ``url`` is downloaded there with ``keras.utils.get_file``. The sha256 is checked
 before every load.
 """
 
-import hashlib
 import json
 import os
 import sys
@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck"]
+from keras_newton.data.datasets import CIFAR10_CLASSES
+from keras_newton.data.image_folder import file_sha256, keras_newton_home
+
 PAPER = ("Shen et al., Newton design: designing CNNs with the family of Newton's methods, "
          "Sci China Inf Sci 66(6):162101, 2023")
 REPO_ZOO = Path(__file__).resolve().parents[1] / "zoo"
@@ -29,10 +30,6 @@ REGISTRY = json.loads(REGISTRY_FILE.read_text()) if REGISTRY_FILE.exists() else 
 REQUIRED_FIELDS = ("file", "sha256", "num_params", "classes", "dataset", "split", "metrics",
                    "epochs", "recipe", "preprocessing", "class_names", "date", "license",
                    "paper")
-
-
-def home():
-    return Path(os.environ.get("KERAS_NEWTON_HOME", Path.home() / ".keras" / "keras_newton"))
 
 
 def available(arch=None):
@@ -52,17 +49,9 @@ def get_entry(arch, tag):
     return REGISTRY[key]
 
 
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify(path, expected):
     """Raises a ValueError naming the file unless its sha256 is ``expected``."""
-    actual = sha256(path)
+    actual = file_sha256(path)
     if actual != expected:
         raise ValueError(
             f"Weights file {path} is corrupted or truncated: sha256 {actual}, expected "
@@ -76,7 +65,7 @@ def weights_path(arch, tag):
     """Local, hash-verified path of the weights ``arch.tag``."""
     entry = get_entry(arch, tag)
     folders = [Path(p) for p in [os.environ.get("KERAS_NEWTON_ZOO")] if p]
-    folders += [REPO_ZOO, INSTALLED_ZOO, home() / "models"]
+    folders += [REPO_ZOO, INSTALLED_ZOO, keras_newton_home() / "models"]
     for folder in folders:
         candidate = folder / entry["file"]
         if candidate.exists():
@@ -85,7 +74,7 @@ def weights_path(arch, tag):
         import keras
 
         path = keras.utils.get_file(entry["file"], entry["url"], file_hash=entry["sha256"],
-                                    cache_dir=str(home()), cache_subdir="models")
+                                    cache_dir=str(keras_newton_home()), cache_subdir="models")
         return verify(path, entry["sha256"])
     raise ValueError(
         f"Weights file {entry['file']} of {arch}.{tag} not found in {[str(f) for f in folders]} "

@@ -1,11 +1,17 @@
 """Shared test helpers (tests/ is on sys.path under pytest's default import mode)."""
 
+import hashlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def sha256_hex(path):
+    """The file's sha256 with hashlib alone (the reference for the package's hashing)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def run_python(code, *args, timeout=600):

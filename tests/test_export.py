@@ -15,6 +15,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from helpers import sha256_hex
 from PIL import Image
 
 from keras_newton import zoo
@@ -74,7 +75,7 @@ def cifar_sample():
     if not CIFAR_ARCHIVE.is_file():
         return None
     images, labels, names = archive_sample(CIFAR_ARCHIVE, limit=1000)
-    assert names == zoo.CIFAR10_CLASSES and np.bincount(labels).tolist() == [100] * 10
+    assert names == list(zoo.CIFAR10_CLASSES) and np.bincount(labels).tolist() == [100] * 10
     return images
 
 
@@ -219,12 +220,12 @@ def test_sidecars_describe_the_files(exports, weights_file):
             cards.append(sm_card)
         for card in cards:
             assert card["model"] == "newton_cgnet10"
-            assert card["weights"]["sha256"] == zoo.sha256(weights_file)
+            assert card["weights"]["sha256"] == sha256_hex(weights_file)
             assert card["weights"]["file"] == weights_file.name
             assert card["optimized"] is (name == "optimized")
             assert card["output"] == "logits"
             assert card["preprocessing"]["mean"] == PREP["mean"]
-            assert card["class_names"] == zoo.CIFAR10_CLASSES
+            assert card["class_names"] == list(zoo.CIFAR10_CLASSES)
             assert all(check["passed"] for check in card["parity"].values())
         assert onnx_card["opset"] == 17
         assert onnx_card["inputs"] == [{"name": "images", "dtype": "float32",

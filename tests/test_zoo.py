@@ -12,6 +12,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
+from helpers import sha256_hex
 
 import keras_newton as kn
 from keras_newton import models, zoo
@@ -29,11 +30,11 @@ def fake_entry(tmp_path, monkeypatch, rng):
     path = tmp_path / "newton_cgnet10.test.weights.h5"
     model.save_weights(path)
     entry = {
-        "file": path.name, "sha256": zoo.sha256(path), "num_params": model.count_params(),
+        "file": path.name, "sha256": sha256_hex(path), "num_params": model.count_params(),
         "classes": 10, "dataset": "test", "split": "test", "metrics": {"val_accuracy": 0.1},
         "epochs": 0, "recipe": {"command": "none", "commit": "none"},
         "preprocessing": {"mean": [125.0, 123.0, 114.0], "std": [63.0, 62.0, 66.0]},
-        "class_names": zoo.CIFAR10_CLASSES, "date": "2026-11-27", "license": "Apache-2.0",
+        "class_names": list(zoo.CIFAR10_CLASSES), "date": "2026-11-27", "license": "Apache-2.0",
         "paper": zoo.PAPER,
     }
     monkeypatch.setitem(zoo.REGISTRY, "newton_cgnet10.test", entry)
@@ -49,7 +50,7 @@ def test_registry_schema_matches_models():
         arch, _ = key.split(".", 1)
         assert set(zoo.REQUIRED_FIELDS) <= set(entry), key
         assert entry["num_params"] == models.get_model(arch).count_params(), key
-        assert zoo.sha256(zoo.weights_path(*key.split(".", 1))) == entry["sha256"], key
+        assert sha256_hex(zoo.weights_path(*key.split(".", 1))) == entry["sha256"], key
         assert len(entry["class_names"]) == entry["classes"], key
         with h5py.File(zoo.weights_path(*key.split(".", 1))) as f:  # layers only
             assert "optimizer" not in f and "layers" in f, key
@@ -80,6 +81,23 @@ def test_installed_zoo_is_searched(fake_entry, tmp_path, monkeypatch):
     zoo.INSTALLED_ZOO.mkdir()
     path.rename(zoo.INSTALLED_ZOO / path.name)
     assert zoo.weights_path("newton_cgnet10", "test") == zoo.INSTALLED_ZOO / path.name
+
+
+def test_keras_home_cache_is_searched(fake_entry, tmp_path, monkeypatch):
+    """Without KERAS_NEWTON_HOME the cache is keras_newton/ in Keras' own $KERAS_HOME."""
+    model, path = fake_entry
+    monkeypatch.delenv("KERAS_NEWTON_ZOO")
+    monkeypatch.delenv("KERAS_NEWTON_HOME", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    cache = tmp_path / "keras_home" / "keras_newton" / "models"
+    with pytest.raises(ValueError, match=f"not found in .*{cache}"):
+        zoo.weights_path("newton_cgnet10", "test")
+    cache.mkdir(parents=True)
+    path.rename(cache / path.name)
+    assert zoo.weights_path("newton_cgnet10", "test") == cache / path.name
+    x = np.random.default_rng(2).normal(size=(2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(kn.NewtonCGNet10(weights="test")(x)),
+                               keras.ops.convert_to_numpy(model(x)), rtol=1e-6, atol=1e-6)
 
 
 def test_strip_optimizer(tmp_path, rng):
@@ -217,7 +235,7 @@ def test_zoo_add_registers_a_time_budgeted_run(tmp_path, monkeypatch, capsys):
     assert entry["epochs"] == 2 and entry["classes"] == 3
     assert entry["num_params"] == kn.NewtonCGNet10(classes=3).count_params()
     weights = tmp_path / "zoo" / entry["file"]
-    assert entry["sha256"] == zoo.sha256(weights)
+    assert entry["sha256"] == sha256_hex(weights)
     with h5py.File(weights) as f:
         assert "optimizer" not in f
 

@@ -90,7 +90,7 @@ def add(args):
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     zoo.REGISTRY[key] = {
         "file": target.name,
-        "sha256": zoo.sha256(target),
+        "sha256": zoo.file_sha256(target),
         "num_params": models.get_model(arch, classes=len(class_names)).count_params(),
         "classes": len(class_names),
         "dataset": args.dataset_label,

@@ -1,7 +1,7 @@
 """Offline image sources: a folder or a tar/zip archive of ``split/<class>/<image>`` files.
 
 A source is decoded once with PIL into uint8 arrays and cached under
-``$KERAS_NEWTON_HOME/datasets`` (default ``~/.keras/keras_newton/datasets``). The cache
+``keras_newton_home() / "datasets"`` (default ``~/.keras/keras_newton/datasets``). The cache
 key is the sha256 of the archive file, or for a folder the sha256 of its listing
 (relative paths, sizes, mtimes), so a changed source is never served stale. Nothing
 here makes a network call.
@@ -28,8 +28,11 @@ _CACHE_FORMAT = 1
 
 
 def keras_newton_home():
-    """Returns the cache root: ``$KERAS_NEWTON_HOME`` or ``~/.keras/keras_newton``."""
-    return Path(os.environ.get("KERAS_NEWTON_HOME", "~/.keras/keras_newton")).expanduser()
+    """The cache root: ``$KERAS_NEWTON_HOME``, else ``keras_newton`` in Keras' cache root
+    (``$KERAS_HOME``, default ``~/.keras``)."""
+    if os.environ.get("KERAS_NEWTON_HOME"):
+        return Path(os.environ["KERAS_NEWTON_HOME"]).expanduser()
+    return Path(os.environ.get("KERAS_HOME", "~/.keras")).expanduser() / "keras_newton"
 
 
 def file_sha256(path, chunk_size=1 << 20):

@@ -73,7 +73,7 @@ def resolve_weights(arch, weights):
         path = Path(weights)
         if not path.is_file():
             raise ValueError(f"`weights` must be a file. Received: weights={weights!r}")
-        digest = zoo.sha256(path)
+        digest = zoo.file_sha256(path)
         entry = next((e for k, e in zoo.REGISTRY.items()
                       if k.split(".", 1)[0] == arch and e.get("sha256") == digest), None)
         tag = next((k.split(".", 1)[1] for k, e in zoo.REGISTRY.items() if e is entry), None)
