@@ -126,7 +126,7 @@ def load_dataset(name, data=None, split="train", cache_dir=None):
             ``"folder"`` for your own images, which needs ``data``).
         data: optional local folder or archive path.
         split: split name, or several joined with ``+`` (``"train+extra"``).
-        cache_dir: cache root for local sources; default ``$KERAS_NEWTON_HOME/datasets``.
+        cache_dir: cache root for local sources; default ``keras_newton_home() / "datasets"``.
 
     Returns:
         An ``ImageData``.

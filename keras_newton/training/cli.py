@@ -39,7 +39,8 @@ def add_arguments(parser):
     parser.add_argument("--data", default=None,
                         help="offline source: folder or tar/zip archive of "
                              "split/<class>/<image> files (decoded once, cached under "
-                             "$KERAS_NEWTON_HOME); without it, tensorflow-datasets")
+                             "$KERAS_NEWTON_HOME, default $KERAS_HOME/keras_newton); without it, "
+                             "tensorflow-datasets")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
                         help="the '+' augmentation: 4-pixel shift and horizontal flip")
     parser.add_argument("--out", default=None,
