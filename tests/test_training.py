@@ -21,7 +21,7 @@ from keras_newton.training import (
 )
 from keras_newton.training import callbacks as callbacks_module
 from keras_newton.training import cli as train_cli
-from keras_newton.training.callbacks import TimeBudget
+from keras_newton.training.callbacks import TimeBudget, milestone_lr
 
 
 @pytest.fixture
@@ -84,6 +84,27 @@ def test_lr_is_divided_by_10_at_50_and_75_percent():
     np.testing.assert_allclose(list(lrs.values()), [0.1, 0.1, 0.01, 0.01, 0.001, 0.001],
                                rtol=1e-6)
     assert optimizer.nesterov and optimizer.momentum == 0.9
+
+
+def test_warmup_epochs_start_at_lr_times_factor():
+    """He et al.'s ResNet-110 start: lr * lr_factor for the warmup epochs, then the
+    recipe's schedule, per step (compiled) and per epoch (TimeBudget's `milestone_lr`)."""
+    recipe = get_recipe("cifar10", epochs=8, warmup_epochs=2, lr=0.2)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    compile_for_recipe(model, recipe, steps_per_epoch=10)
+    lrs = []
+    for step in (0, 19, 20, 39, 40, 59, 60, 79):
+        model.optimizer.iterations.assign(step)
+        lrs.append(float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)))
+    np.testing.assert_allclose(lrs, [0.02, 0.02, 0.2, 0.2, 0.02, 0.02, 0.002, 0.002],
+                               rtol=1e-6)
+    np.testing.assert_allclose([milestone_lr(recipe, e, 8) for e in range(8)],
+                               [0.02, 0.02, 0.2, 0.2, 0.02, 0.02, 0.002, 0.002], rtol=1e-6)
+    assert get_recipe("cifar10")["warmup_epochs"] == 0  # the paper has none
+    with pytest.raises(ValueError, match=r"warmup_epochs.*Received: warmup_epochs=-1"):
+        get_recipe("cifar10", warmup_epochs=-1)
+    with pytest.raises(ValueError, match=r"first lr milestone.*Received: warmup_epochs=4"):
+        get_recipe("cifar10", epochs=8, warmup_epochs=4)
 
 
 class Clock:
@@ -334,7 +355,8 @@ def test_cli_reports_bad_input_cleanly(tmp_path, capsys):
 @pytest.mark.slow  # about 2 minutes: JAX compiles Newton-CGNet-10 on CPU
 @pytest.mark.heavy
 def test_gpu_script_without_tensorflow(tmp_path):
-    """zoo/gpu_train.sh as on the GPU machine: JAX, bf16, TensorFlow absent, one tar back."""
+    """zoo/gpu_train.sh as on the GPU machine: JAX, bf16, TensorFlow absent, two models side
+    by side, one tar each back."""
     import os
     import subprocess
     import sys
@@ -351,8 +373,8 @@ def test_gpu_script_without_tensorflow(tmp_path):
     archive = tmp_path / "images.tar"
     with tarfile.open(archive, "w") as tar:
         tar.add(tmp_path / "images" / "train", arcname="train")
-    env = {**os.environ, "PYTHONPATH": str(hide), "DEPTHS": "10", "EPOCHS_10": "2",
-           "KERAS_NEWTON_HOME": str(tmp_path / "home"),
+    env = {**os.environ, "PYTHONPATH": str(hide), "DEPTHS": "10 16", "EPOCHS_10": "2",
+           "EPOCHS_16": "4", "WARMUP_16": "1", "KERAS_NEWTON_HOME": str(tmp_path / "home"),
            "EXTRA_ARGS": "--val-size 20 --batch-size 20",
            "DATA": str(archive), "OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "runs"),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
@@ -360,18 +382,26 @@ def test_gpu_script_without_tensorflow(tmp_path):
     done = subprocess.run(["bash", str(root / "zoo" / "gpu_train.sh")], cwd=root, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "TensorBoard logs are skipped" in done.stderr
-    with tarfile.open(tmp_path / "out" / "newton_cgnet10.tar") as tar:
-        names = sorted(m.name for m in tar.getmembers() if m.isfile())
-        tar.extractall(tmp_path / "back", filter="data")
-    assert names == sorted(f"newton_cgnet10/{n}" for n in (
-        "best.json", "best.weights.h5", "budget.json", "config.json", "curves.png",
-        "history.csv", "preprocessing.json", "summary.json"))
-    run = tmp_path / "back" / "newton_cgnet10"
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["backend"] == "jax" and summary["mixed_precision"] is True
-    assert summary["epochs"] == 2 and summary["time_budget"] == 580  # SECONDS_10 - 20
-    assert json.loads((run / "config.json").read_text())["augment"] is True
+    runs = {}
+    for model, epochs in (("newton_cgnet10", 2), ("newton_cgnet16", 4)):  # side by side
+        log = (tmp_path / "out" / f"{model}.log").read_text()  # each run's Keras output
+        assert "TensorBoard logs are skipped" in log and f"Epoch {epochs}/{epochs}" in log
+        assert f"{model}: exit 0" in done.stdout
+        with tarfile.open(tmp_path / "out" / f"{model}.tar") as tar:
+            names = sorted(m.name for m in tar.getmembers() if m.isfile())
+            tar.extractall(tmp_path / "back", filter="data")
+        assert names == sorted(f"{model}/{n}" for n in (
+            "best.json", "best.weights.h5", "budget.json", "config.json", "curves.png",
+            "history.csv", "preprocessing.json", "summary.json"))
+        run = runs[model] = tmp_path / "back" / model
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["backend"] == "jax" and summary["mixed_precision"] is True
+        assert summary["epochs"] == epochs and summary["time_budget"] == 460  # 480 s - 20
+        assert json.loads((run / "config.json").read_text())["augment"] is True
+    assert "warmup_epochs" not in json.loads((runs["newton_cgnet10"] / "config.json")
+                                             .read_text())  # 0, the paper's: not recorded
+    lrs = [row["lr"] for row in read_history(runs["newton_cgnet16"])]
+    np.testing.assert_allclose(lrs, [0.01, 0.1, 0.01, 0.001], rtol=1e-6)  # WARMUP_16=1
     # The weights, optimizer state stripped, load into a fresh model.
-    model = NewtonCGNet10(weights=str(run / "best.weights.h5"))
+    model = NewtonCGNet10(weights=str(runs["newton_cgnet10"] / "best.weights.h5"))
     assert model.output_shape == (None, 10)

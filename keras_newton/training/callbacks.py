@@ -154,7 +154,10 @@ class StopOnNaN(keras.callbacks.TerminateOnNaN):
 
 def milestone_lr(recipe, epoch, epochs):
     """The recipe's step schedule per epoch: ``lr`` times ``lr_factor`` per milestone passed
-    (milestones are fractions of ``epochs``; ``epoch`` is 0-based)."""
+    (milestones are fractions of ``epochs``; ``epoch`` is 0-based), and ``lr * lr_factor``
+    in the ``warmup_epochs`` first epochs."""
+    if epoch < recipe.get("warmup_epochs", 0):
+        return recipe["lr"] * recipe["lr_factor"]
     passed = sum(epoch + 1e-9 >= m * epochs for m in recipe["lr_milestones"])
     return recipe["lr"] * recipe["lr_factor"] ** passed
 

@@ -17,6 +17,8 @@ _RECIPE_FLAGS = (
     ("--batch-size", "batch_size", int, "global batch size, split across replicas (128)"),
     ("--lr", "lr", float, "initial learning rate (0.1)"),
     ("--lr-factor", "lr_factor", float, "learning-rate factor at each milestone (0.1)"),
+    ("--warmup-epochs", "warmup_epochs", int,
+     "first epochs at lr * lr-factor, as He et al. started ResNet-110 (0: the paper)"),
     ("--momentum", "momentum", float, "SGD momentum (0.9)"),
     ("--weight-decay", "weight_decay", float, "L2 weight decay (5e-4 CIFAR, 1e-4 SVHN)"),
     ("--dropout", "dropout", float,

@@ -5,7 +5,9 @@ mirror). Every value can be overridden (``get_recipe(..., **overrides)``, or the
 matching ``keras-newton train`` flag).
 
 - SGD with Nesterov momentum 0.9, batch 128, learning rate 0.1 divided by 10 at 50%
-  and 75% of the epochs.
+  and 75% of the epochs. ``warmup_epochs`` (not in the paper, 0 by default) trains the
+  first epochs at ``lr * lr_factor``: He et al. (2016) started ResNet-110 so, because
+  0.1 was "slightly too large to start converging".
 - CIFAR: 300 epochs, weight decay 5e-4; SVHN: 40 epochs, weight decay 1e-4.
 - Dropout 0.2 on C10+/C100+, 0.3 on SVHN, 0.4 on C10/C100 (no augmentation).
 - Validation hold-out: 5,000 training images on CIFAR, 6,000 on SVHN; SVHN trains on
@@ -27,6 +29,7 @@ _COMMON = {
     "lr": 0.1,
     "lr_milestones": [0.5, 0.75],  # fractions of the total training steps
     "lr_factor": 0.1,
+    "warmup_epochs": 0,  # epochs at lr * lr_factor before lr (not in the paper)
     "train_split": "train",
     "val_size": 5000,
 }
@@ -90,6 +93,12 @@ def get_recipe(dataset, augment=False, **overrides):
     return recipe
 
 
+def recorded_recipe(recipe):
+    """The recipe as a run's ``config.json`` records it: without ``warmup_epochs`` when it
+    is 0, so that runs from before the option still resume."""
+    return {k: v for k, v in recipe.items() if k != "warmup_epochs" or v}
+
+
 def _check(recipe):
     for key in ("batch_size", "epochs"):
         value = recipe[key]
@@ -106,6 +115,14 @@ def _check(recipe):
         )
     if recipe["dropout"] is not None and not 0 <= recipe["dropout"] < 1:
         raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={recipe['dropout']}")
+    warmup = recipe["warmup_epochs"]
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError("`warmup_epochs` must be an integer >= 0. "
+                         f"Received: warmup_epochs={warmup!r}")
+    if warmup and warmup >= min(recipe["lr_milestones"], default=1) * recipe["epochs"]:
+        raise ValueError("`warmup_epochs` must end before the first lr milestone "
+                         f"({min(recipe['lr_milestones'])} * {recipe['epochs']} epochs). "
+                         f"Received: warmup_epochs={warmup}")
     if not all(0 < m < 1 for m in recipe["lr_milestones"]):
         raise ValueError("`lr_milestones` must be fractions of the training in (0, 1). "
                          f"Received: lr_milestones={recipe['lr_milestones']}")

@@ -17,7 +17,7 @@ from keras_newton.data.text import (
 from keras_newton.models import canonical_name
 from keras_newton.models.text import SEQUENCE_LENGTH, TEXT_MODELS
 from keras_newton.training.distribute import get_distribution
-from keras_newton.training.recipes import get_recipe
+from keras_newton.training.recipes import get_recipe, recorded_recipe
 from keras_newton.training.trainer import (
     CONFIG_JSON,
     MODEL_KERAS,
@@ -131,7 +131,7 @@ def train_text(
     if hidden_units is not None:
         model_kwargs["hidden_units"] = hidden_units
     config = {"model": model_name, "dataset": dataset, "data": data, "limit": limit,
-              "seed": seed, **model_kwargs, **recipe}
+              "seed": seed, **model_kwargs, **recorded_recipe(recipe)}
     resuming = _check_out(run_out, config, overwrite)
 
     keras.utils.set_random_seed(seed)

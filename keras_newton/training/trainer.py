@@ -24,7 +24,7 @@ from keras_newton.data.pipeline import batches
 from keras_newton.models import MODELS, TEXT_MODELS, canonical_name
 from keras_newton.training import callbacks as cb
 from keras_newton.training.distribute import fix_multiworker_build, get_distribution
-from keras_newton.training.recipes import get_recipe
+from keras_newton.training.recipes import get_recipe, recorded_recipe
 
 CONFIG_JSON = "config.json"
 PREPROCESSING_JSON = "preprocessing.json"
@@ -42,7 +42,8 @@ def compile_for_recipe(model, recipe, steps_per_epoch, per_epoch_lr=False):
     """Compiles ``model`` with the recipe's SGD, step schedule, loss and accuracy.
 
     The learning rate is ``lr`` times ``lr_factor`` for each milestone passed; the
-    milestones are fractions of the ``epochs * steps_per_epoch`` training steps. With
+    milestones are fractions of the ``epochs * steps_per_epoch`` training steps. The
+    ``warmup_epochs`` first epochs (if any) train at ``lr * lr_factor``. With
     ``per_epoch_lr`` it is a plain variable instead, which a callback sets each epoch
     (`callbacks.TimeBudget`). Weight decay is not added here: it is the builders'
     ``weight_decay`` (an L2 term).
@@ -54,6 +55,10 @@ def compile_for_recipe(model, recipe, steps_per_epoch, per_epoch_lr=False):
         # PiecewiseConstantDecay switches after step b, i.e. from step b + 1 on.
         boundaries = [int(m * total) - 1 for m in recipe["lr_milestones"]]
         values = [recipe["lr"] * recipe["lr_factor"] ** i for i in range(len(boundaries) + 1)]
+        warmup_steps = recipe.get("warmup_epochs", 0) * steps_per_epoch
+        if warmup_steps:
+            boundaries = [warmup_steps - 1, *boundaries]
+            values = [recipe["lr"] * recipe["lr_factor"], *values]
         schedule = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
     model.compile(
         optimizer=keras.optimizers.SGD(schedule, momentum=recipe["momentum"],
@@ -259,7 +264,7 @@ def train(
             its lr milestones (`callbacks.TimeBudget`; kept when resumed).
         **overrides: recipe values (``lr``, ``batch_size``, ``epochs``,
             ``weight_decay``, ``dropout``, ``momentum``, ``nesterov``, ``lr_milestones``,
-            ``lr_factor``, ``val_size``, ``train_split``).
+            ``lr_factor``, ``warmup_epochs``, ``val_size``, ``train_split``).
 
     Returns:
         The run summary (also written to ``out/summary.json``).
@@ -309,7 +314,7 @@ def train(
         "model": model_name, "dataset": dataset,
         "data": str(data.resolve()) if data is not None else None,
         "data_key": source_key(data) if data is not None else None,
-        "limit": limit, "seed": seed, **recipe,
+        "limit": limit, "seed": seed, **recorded_recipe(recipe),
         # Only when set, so that runs from before the option still resume.
         **({"mixed_precision": True} if mixed_precision else {}),
         **({"time_budget": time_budget} if time_budget is not None else {}),
