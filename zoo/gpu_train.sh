@@ -39,13 +39,11 @@
 # EXTRA_ARGS (more `keras-newton train` flags).
 #
 # Tested on CPU (tests/test_training.py::test_gpu_script_without_tensorflow) with
-# TensorFlow hidden, DEPTHS=10, 2 epochs, on a small archive; run on an H200 on
-# 2026-11-28 in its earlier, one-model-after-the-other form (README, "GPU").
+# TensorFlow hidden, DEPTHS="10 16" (2 and 4 epochs, WARMUP_16=1), on a small archive; run
+# on an H200 on 2026-11-28 in its earlier, one-model-after-the-other form (README, "GPU").
 set -uo pipefail
 
 DEPTHS=${DEPTHS:-10 56 82}
-SECONDS_56=${SECONDS_56:-160}
-SECONDS_82=${SECONDS_82:-330}
 DATA=${DATA:-.data/train.tar.xz}
 OUT=${OUT:-out/gpu}
 RUNS=${RUNS:-/tmp/runs}
