@@ -306,7 +306,7 @@ def test_nan_loss_stops_with_a_clear_message(tiny, tmp_path):
 
     out = tmp_path / "run"
     with pytest.raises(LossDivergedError, match=r"became nan at epoch 1, batch 2.*lower "
-                                                r"learning rate \(Received: lr=0.1\)"):
+                       r"learning rate or warm-up.*received: lr=0.1, warmup_epochs=0\)"):
         train(**tiny_run(tiny, out, model="resnet20"), callbacks=[Poison()])
     assert not (out / "summary.json").exists()
 

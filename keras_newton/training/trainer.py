@@ -102,7 +102,9 @@ def _fit_best(net, train_ds, val_ds, recipe, run_out, title, callbacks, resuming
         cb.RunLogger(run_out, monitor="val_accuracy", title=title),
         keras.callbacks.BackupAndRestore(str(run_out / BACKUP_DIR), double_checkpoint=True),
         cb.StopOnNaN(
-            hint=f"Try a lower learning rate (Received: lr={recipe['lr']}); the last "
+            hint="Try a lower learning rate or warm-up epochs at lr * lr_factor (--lr, "
+                 f"--warmup-epochs; received: lr={recipe['lr']}, warmup_epochs="
+                 f"{recipe['warmup_epochs']}) in a new --out; the last "
                  f"finished epoch is backed up in {run_out / BACKUP_DIR} and the best "
                  f"weights are in {run_out / cb.BEST_WEIGHTS}."
         ),
