@@ -18,20 +18,15 @@
 # path, and it must be the same archive: checked by sha256). A run stopped by its time
 # limit has no summary.json: rerun it with more time, or fewer epochs.
 #
-# The models train at the same time on the one GPU (at batch 128 they leave it mostly
-# idle: on an H200, three Newton-CGNet-82 runs side by side took 19-23 s per epoch each,
-# one alone 17-24 s), each with SECONDS_<depth> of wall time (default 480 s: with the
-# install and the data decoding, about 8.5 minutes in all). `--time-budget` times its
-# second epoch and fits the recipe's step schedule (lr / 10 at 50% and 75%) into the
-# epochs that fit, so the run ends with a decayed learning rate inside its time; `timeout`
-# kills it only if that fails (its best weights so far still come back). Each model's
-# Keras output goes to $OUT/<model>.log (the ends are printed).
-#
+# The models train at the same time on the one GPU (one run at batch 128 leaves it mostly
+# idle; measurements in README.md, "GPU"), each with SECONDS_<depth> of wall time (default
+# 480 s: with the install and the data decoding, about 8.5 minutes in all).
+# `--time-budget` times its second epoch and fits the recipe's step schedule (lr / 10 at
+# 50% and 75%) into the epochs that fit, so the run ends with a decayed learning rate
+# inside its time; `timeout` kills it only if that fails (its best weights so far still
+# come back). Each model's Keras output goes to $OUT/<model>.log (the ends are printed).
 # WARMUP_<depth> epochs at lr 0.01 start the run (`--warmup-epochs`; default 1 for -82,
-# 0 otherwise): on the H200, Newton-CGNet-82 with the paper's lr 0.1 from the first step
-# (seed 0) fell to chance accuracy in epoch 1, in bf16 (and stayed there) as in float32
-# (a NaN loss in epoch 2); with one warm-up epoch the same seed reached 71.7% validation
-# accuracy after 6 epochs (seed 1 without warm-up: 64.7%).
+# whose seed-0 run diverged at lr 0.1 from the first step: README.md, "Warm-up"; else 0).
 #
 # Environment: DEPTHS (default "10 56 82"), SECONDS_<depth>, WARMUP_<depth>, EPOCHS_<depth>
 # (at most this many epochs; default the recipe's 300), DATA (the archive), LIMIT
