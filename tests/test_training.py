@@ -164,6 +164,37 @@ def test_time_budget_fits_the_schedule_into_the_budget(tmp_path, monkeypatch):
     assert budget.epochs == 4 and lrs == [0.1, 0.1, 0.01, 0.001]
 
 
+def test_time_budget_plans_again_until_the_first_milestone(tmp_path, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(callbacks_module.time, "monotonic", clock)
+    # A slow start (30 s compile, 20 s, 20 s), then 10 s epochs, budget 200 s. The plan
+    # uses the median of the epochs after the first (x 1.05): after epoch 2, 150 // 21 ->
+    # 9 epochs; after 5, 110 // 15.75 -> 11; after 6, 100 // 10.5 -> 15 (milestones 7.5
+    # and 11.25). Epoch 8 has run at lr 0.1 and would be past 15 * 0.5: the plan is fixed.
+    durations = [30, 20, 20] + [10] * 30
+    budget, lrs = budget_epochs(clock, 200, durations, tmp_path)
+    assert budget.epochs == 15 and lrs == [0.1] * 8 + [0.01] * 4 + [0.001] * 3
+    assert clock.now == 190
+    saved = json.loads((tmp_path / "budget.json").read_text())
+    assert saved["epochs"] == 15 and saved["decided_after_epoch"] == 6
+    assert saved["epoch_seconds"] == 10
+
+    # A resumed run keeps the saved plan, however fast its epochs are now.
+    clock.now = 0.0
+    budget, lrs = budget_epochs(clock, 200, [1] * 40, tmp_path, resume_from=2)
+    assert budget.epochs == 15 and lrs == [0.1] * 6 + [0.01] * 4 + [0.001] * 3
+
+
+def test_time_budget_never_moves_a_milestone_before_an_epoch_that_ran(tmp_path, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(callbacks_module.time, "monotonic", clock)
+    # 9 epochs planned after epoch 2; epoch 4 takes 40 s: 30 s left fit 2 more (6 epochs),
+    # but epoch 4 ran at lr 0.1, past 6 * 0.5: the plan becomes 7, and the run stops, as
+    # a fifth epoch of 42 s would end past the budget.
+    budget, lrs = budget_epochs(clock, 100, [10, 10, 10, 40, 10, 10], tmp_path)
+    assert budget.epochs == 7 and lrs == [0.1] * 4 and clock.now == 70
+
+
 @pytest.mark.backend_agnostic
 def test_time_budget_lr_is_the_one_the_steps_use(tmp_path):
     """The compiled step reads the lr that the callback sets (0: nothing moves)."""

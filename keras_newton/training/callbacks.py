@@ -166,12 +166,14 @@ class TimeBudget(keras.callbacks.Callback):
     """Fits the recipe's step schedule into ``seconds`` of wall time.
 
     After ``probe_epochs`` epochs (the first one also compiles), the epochs that still fit
-    (at the last epoch's duration, plus 5%) fix the run's length, at most the recipe's
-    ``epochs``; the learning-rate milestones are fractions of that length. The decision is
-    kept in ``out/budget.json``, so a resumed run keeps its schedule. After the probe,
-    training also stops whenever the next epoch would end past the budget; it always runs
-    the probe epochs. The model must be compiled with a constant learning rate, which this
-    callback sets at each epoch.
+    (at the median duration of the epochs after the first, plus 5%) fix the run's length,
+    at most the recipe's ``epochs``; the learning-rate milestones are fractions of that
+    length. Until the first milestone is reached, the length is planned again after every
+    epoch, so that a slow start (a busy machine, a warming-up accelerator) does not leave
+    the budget unused; no epoch that has run changes its lr. The plan is kept in
+    ``out/budget.json``, and a resumed run keeps it as it is. Training also stops whenever
+    the next epoch would end past the budget; it always runs the probe epochs. The model
+    must be compiled with a constant learning rate, which this callback sets at each epoch.
 
     Args:
         recipe: the run's recipe (``epochs``, ``lr``, ``lr_factor``, ``lr_milestones``).
@@ -186,30 +188,50 @@ class TimeBudget(keras.callbacks.Callback):
         self.recipe, self.seconds, self.path = recipe, float(seconds), Path(out) / BUDGET_JSON
         self.start, self.probe_epochs = start, probe_epochs
         self.epochs = None
+        self._resumed = False
+        self._durations = []
 
     def on_train_begin(self, logs=None):
         if self.start is None:
             self.start = time.monotonic()
         if self.path.exists():
             self.epochs = json.loads(self.path.read_text())["epochs"]
+            self._resumed = True
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.monotonic()
         self.model.optimizer.learning_rate = milestone_lr(
             self.recipe, epoch, self.epochs or self.recipe["epochs"])
 
+    def _plan(self, epoch, left, per_epoch):
+        """The run's length after ``epoch``: what fits, but never so short that an epoch
+        already run would fall past the first milestone."""
+        epochs = min(self.recipe["epochs"], epoch + 1 + max(0, int(left // per_epoch)))
+        planned = self.epochs or self.recipe["epochs"]
+        while epochs < self.recipe["epochs"] and milestone_lr(
+                self.recipe, epoch, epochs) != milestone_lr(self.recipe, epoch, planned):
+            epochs += 1
+        return epochs
+
     def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 < self.probe_epochs:  # the first epoch's time includes compiling
-            return
         now = time.monotonic()
+        if epoch > 0 or self.probe_epochs == 1:  # the first epoch's time includes compiling
+            self._durations.append(now - self._epoch_start)
+        if epoch + 1 < self.probe_epochs:
+            return
         last = (now - self._epoch_start) * 1.05
         left = self.seconds - (now - self.start)
-        if self.epochs is None:
-            self.epochs = min(self.recipe["epochs"], epoch + 1 + max(0, int(left // last)))
-            _atomic_write_text(self.path, json.dumps(
-                {"seconds": self.seconds, "epochs": self.epochs, "decided_after_epoch":
-                 epoch + 1, "epoch_seconds": round(last / 1.05, 3)}, indent=1))
-            print(f"Time budget: {self.epochs} epochs fit in {self.seconds:g} s "
-                  f"({last / 1.05:.1f} s per epoch).")
+        first_milestone = min(self.recipe["lr_milestones"], default=1.0)
+        if not self._resumed and (self.epochs is None
+                                  or epoch + 1e-9 < first_milestone * self.epochs):
+            per_epoch = float(np.median(self._durations or [last / 1.05]))
+            epochs = self._plan(epoch, left, per_epoch * 1.05)
+            if epochs != self.epochs:
+                self.epochs = epochs
+                _atomic_write_text(self.path, json.dumps(
+                    {"seconds": self.seconds, "epochs": self.epochs, "decided_after_epoch":
+                     epoch + 1, "epoch_seconds": round(per_epoch, 3)}, indent=1))
+                print(f"Time budget: {self.epochs} epochs fit in {self.seconds:g} s "
+                      f"({per_epoch:.1f} s per epoch).")
         if epoch + 1 >= self.epochs or left < last:
             self.model.stop_training = True

@@ -70,8 +70,8 @@ def add_arguments(parser):
                         help="text models: width of the two hidden FC layers (2048)")
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                         help="fit the run into SECONDS of wall time: the epochs that fit, "
-                             "timed after epoch 2 (at most --epochs), set its length and lr "
-                             "milestones")
+                             "timed from epoch 2 until the first lr milestone (at most --epochs), "
+                             "set its length and lr milestones")
     parser.add_argument("--no-test", dest="evaluate_test", action="store_false",
                         help="skip the final test-split evaluation")
     parser.add_argument("--overwrite", action="store_true",

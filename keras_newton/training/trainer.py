@@ -262,8 +262,9 @@ def train(
         mixed_precision: build the model with the ``"mixed_bfloat16"`` policy (bf16
             compute, float32 variables and classifier), for GPUs.
         time_budget: seconds this call may take (data loading included): the epochs that
-            fit, measured after epoch 2 and at most ``epochs``, set the run's length and
-            its lr milestones (`callbacks.TimeBudget`; kept when resumed).
+            fit (planned after epoch 2 and again until the first milestone, at most
+            ``epochs``) set the run's length and lr milestones (`callbacks.TimeBudget`;
+            kept when resumed).
         **overrides: recipe values (``lr``, ``batch_size``, ``epochs``,
             ``weight_decay``, ``dropout``, ``momentum``, ``nesterov``, ``lr_milestones``,
             ``lr_factor``, ``warmup_epochs``, ``val_size``, ``train_split``).
