@@ -170,7 +170,7 @@ def test_time_budget_plans_again_until_the_first_milestone(tmp_path, monkeypatch
     # A slow start (30 s compile, 20 s, 20 s), then 10 s epochs, budget 200 s. The plan
     # uses the median of the epochs after the first (x 1.05): after epoch 2, 150 // 21 ->
     # 9 epochs; after 5, 110 // 15.75 -> 11; after 6, 100 // 10.5 -> 15 (milestones 7.5
-    # and 11.25). Epoch 8 has run at lr 0.1 and would be past 15 * 0.5: the plan is fixed.
+    # and 11.25). From epoch 9 on (past 15 * 0.5, at lr 0.01) the plan is fixed.
     durations = [30, 20, 20] + [10] * 30
     budget, lrs = budget_epochs(clock, 200, durations, tmp_path)
     assert budget.epochs == 15 and lrs == [0.1] * 8 + [0.01] * 4 + [0.001] * 3
