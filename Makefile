@@ -13,7 +13,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/keras-newton models --forward
+	$(BIN)/keras-newton demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -10,6 +10,18 @@ parent prints medians and ratios.
     python benchmarks/train_speed.py                          # TF, CPU, all pairs
     python benchmarks/train_speed.py --pairs 56:110 --jit     # XLA on
     KERAS_BACKEND=jax python benchmarks/train_speed.py --mixed-precision   # on a GPU
+
+``--paths`` compares instead the two JAX input paths of `keras-newton train` on one model:
+``Model.fit`` over the NumPy host pipeline (`keras_newton.data.ArrayBatches`: augmentation
+and normalisation per batch on the host) against `training.on_device.fit_on_device`
+(uint8 data on the device, augmentation in the compiled step) with one step per call and,
+on an accelerator, with ``--steps-per-execution`` steps per call in a loop; all with the
+recipe's compile (`compile_for_recipe`), on synthetic uint8 images; ms per step of the
+epochs after the first (which compiles), and the host pipeline's own time per batch:
+
+    python benchmarks/train_speed.py --paths --model newton_cgnet10 --steps 8 --epochs 3
+    python benchmarks/train_speed.py --paths --model newton_cgnet82 --steps 351 \
+        --epochs 2 --repeats 1 --steps-per-execution 64 --mixed-precision   # on a GPU
 """
 
 import argparse
@@ -155,6 +167,98 @@ def cpu_peak_gflops():
     return os.cpu_count() * mhz / 1000 * 32
 
 
+def paths_child(args):
+    """``--paths`` in a JAX child: per-epoch seconds of each path, host time per batch."""
+    import time
+
+    import keras
+    import numpy as np
+
+    from keras_newton import models
+    from keras_newton.data.pipeline import ArrayBatches
+    from keras_newton.training.on_device import fit_on_device
+    from keras_newton.training.recipes import get_recipe
+    from keras_newton.training.trainer import compile_for_recipe
+
+    rng = np.random.default_rng(0)
+    n = args.batch * args.steps
+    x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    y = rng.integers(0, 10, n)
+    mean, std = [125.2, 122.9, 113.8], [62.6, 61.9, 66.5]
+    recipe = get_recipe("cifar10", True, epochs=args.epochs)
+
+    class Times(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.seconds = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self.start)
+            print(f"{self.path} epoch {epoch + 1}: {self.seconds[-1]:.1f} s", file=sys.stderr,
+                  flush=True)
+
+    import jax
+
+    if args.mixed_precision:
+        keras.config.set_dtype_policy("mixed_bfloat16")
+    result = {}
+    paths = ["host", "device1"] + ([] if jax.default_backend() == "cpu" else ["deviceN"])
+    for repeat in range(args.repeats):
+        for path in paths if repeat % 2 == 0 else paths[::-1]:
+            model = models.get_model(args.model, weight_decay=5e-4)
+            compile_for_recipe(model, recipe, steps_per_epoch=args.steps)
+            times = Times()
+            times.path = path
+            if path == "host":
+                data = ArrayBatches(x, y, args.batch, mean, std, training=True, augment=True)
+                model.fit(data, epochs=args.epochs, callbacks=[times], verbose=0,
+                          shuffle=False)
+            else:
+                fit_on_device(model, (x, y), None, mean, std, epochs=args.epochs,
+                              batch_size=args.batch, callbacks=[times], verbose=0,
+                              steps_per_execution=1 if path == "device1" else
+                              args.steps_per_execution)
+            result.setdefault(path, []).append(times.seconds)
+    data = ArrayBatches(x, y, args.batch, mean, std, training=True, augment=True)
+    start = time.perf_counter()
+    for i in range(len(data)):
+        data[i]
+    result["host_batch_seconds"] = (time.perf_counter() - start) / len(data)
+    result["device_kind"] = jax.devices()[0].device_kind
+    print(json.dumps(result))
+
+
+def paths_main(args):
+    cmd = [sys.executable, __file__, "--paths-child", "--model", args.model, "--batch",
+           str(args.batch), "--steps", str(args.steps), "--epochs", str(args.epochs),
+           "--repeats", str(args.repeats), "--steps-per-execution",
+           str(args.steps_per_execution)] + (["--mixed-precision"] if args.mixed_precision
+                                             else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                         env={**os.environ, "KERAS_BACKEND": "jax"})
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"JAX on {result['device_kind']}: {args.model}, batch {args.batch}, "
+          f"{args.steps} steps per epoch, {args.epochs} epochs per path and repeat, "
+          f"{args.repeats} repeats{', bf16' if args.mixed_precision else ''}; "
+          "ms per step of the epochs after the first (median, then each repeat's median)")
+    labels = {"host": "Model.fit + ArrayBatches (host)",
+              "device1": "fit_on_device, 1 step per call",
+              "deviceN": f"fit_on_device, {args.steps_per_execution} steps per call (loop)"}
+    medians = {}
+    for path, label in labels.items():
+        if path not in result:
+            continue
+        per_repeat = [statistics.median(e[1:]) * 1000 / args.steps for e in result[path]]
+        medians[path] = statistics.median(per_repeat)
+        print(f"  {label:48s} {medians[path]:8.1f} ms/step  ("
+              + ", ".join(f"{v:.1f}" for v in per_repeat) + f"), "
+              f"{medians['host'] / medians[path]:.2f}x the host path")
+    print(f"  host pipeline alone (augment + normalise one batch): "
+          f"{result['host_batch_seconds'] * 1000:.1f} ms")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", default="10:20,56:110,82:164", help=f"of {list(PAIRS)}")
@@ -165,10 +269,21 @@ def main():
                         help="jit_compile on/off (default: Keras' 'auto', i.e. off for "
                         "TensorFlow on CPU, XLA for JAX)")
     parser.add_argument("--mixed-precision", action="store_true", help="bf16 compute")
+    parser.add_argument("--paths", action="store_true",
+                        help="JAX: host pipeline + Model.fit vs data on the device (one model)")
+    parser.add_argument("--model", default="newton_cgnet10", help="--paths: the model")
+    parser.add_argument("--epochs", type=int, default=3, help="--paths: epochs per path")
+    parser.add_argument("--steps-per-execution", type=int, default=8,
+                        help="--paths: steps per compiled call on the device path")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--paths-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
+    if args.paths_child:
+        return paths_child(args)
+    if args.paths:
+        return paths_main(args)
     import keras
 
     jit = "auto" if args.jit is None else args.jit

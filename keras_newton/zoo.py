@@ -14,10 +14,9 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from keras_newton.data.datasets import CIFAR10_CLASSES
 from keras_newton.data.image_folder import file_sha256, keras_newton_home
+from keras_newton.files import read_json
 
 PAPER = ("Shen et al., Newton design: designing CNNs with the family of Newton's methods, "
          "Sci China Inf Sci 66(6):162101, 2023")
@@ -82,24 +81,100 @@ def weights_path(arch, tag):
     )
 
 
-def preprocess_input(x, arch="newton_cgnet10", tag="cifar10"):
-    """Normalises uint8/float images in [0, 255] with the mean/std stored with the weights."""
-    prep = get_entry(arch, tag)["preprocessing"]
-    x = np.asarray(x, dtype="float32")
-    return (x - np.asarray(prep["mean"], "float32")) / np.asarray(prep["std"], "float32")
+def _entry_with_sha256(digest, arch=None):
+    """The registry key whose file has sha256 ``digest`` (of ``arch`` if given), or None."""
+    return next((k for k, e in REGISTRY.items() if e.get("sha256") == digest
+                 and (arch is None or k.split(".", 1)[0] == arch)), None)
+
+
+def resolve_weights(arch, weights):
+    """Interprets a ``weights`` argument: the one place for builders, export and evaluate.
+
+    In order: a registered tag of ``arch`` (``"cifar10"``, or the full key
+    ``"newton_cgnet10.cifar10"``), then the path of an existing file. A file whose sha256
+    is that of a registry entry is that entry: its classes, preprocessing and class names
+    apply as for the tag.
+
+    Args:
+        arch: registry name of the model (``"newton_cgnet10"``), or None for any
+            architecture (then tags must be full ``"arch.tag"`` keys).
+        weights: a tag, a key, or a path (str or ``os.PathLike``).
+
+    Returns:
+        ``{"key", "tag", "path", "file", "sha256", "entry"}``: ``path`` is None for a tag
+        (`weights_path` finds, downloads and checks it), ``key``/``tag``/``entry`` are None
+        for a file of no registry entry.
+
+    Raises:
+        ValueError naming the available tags unless ``weights`` is one of them or an
+        existing file.
+    """
+    if isinstance(weights, bool) or not isinstance(weights, str | os.PathLike) or not str(
+            weights):
+        raise ValueError(
+            "`weights` must be None, a pretrained tag (see keras_newton.zoo.available()) or "
+            f"the path of a `.weights.h5` file. Received: weights={weights!r}"
+        )
+    name = os.fspath(weights)
+    key = name if arch is None or name.startswith(f"{arch}.") else f"{arch}.{name}"
+    if isinstance(weights, str) and key in REGISTRY:
+        entry = REGISTRY[key]
+        return {"key": key, "tag": key.split(".", 1)[1], "path": None, "file": entry["file"],
+                "sha256": entry["sha256"], "entry": entry}
+    if os.path.exists(name):
+        path = Path(name)
+        if not path.is_file():
+            raise ValueError(f"`weights` must be a file, not a folder. Received: weights={name!r}")
+        digest = file_sha256(path)
+        key = _entry_with_sha256(digest, arch)
+        return {"key": key, "tag": key and key.split(".", 1)[1], "path": str(path),
+                "file": path.name, "sha256": digest, "entry": REGISTRY.get(key)}
+    looks_like_file = os.sep in name or "/" in name or name.endswith((".h5", ".keras"))
+    what = "No such weights file" if looks_like_file else f"No pretrained weights {key!r}"
+    if arch is None:
+        allowed = f"Registered keys: {available() or 'none'}"
+    else:
+        tags = [k.split(".", 1)[1] for k in available(arch)]
+        allowed = f"Available for {arch}: {tags or 'none'}; all entries: {available()}"
+    raise ValueError(
+        f"{what}. {allowed}. `weights` must be None, one of these tags or the path of an "
+        f"existing `.weights.h5` file. Received: weights={name!r}"
+    )
+
+
+def weights_card(info):
+    """``{"preprocessing": {"mean", "std"}, "class_names", "source"}`` of resolved weights.
+
+    From the registry entry, else from the ``preprocessing.json`` that training writes
+    next to its weights files; None when neither exists.
+    """
+    if info["entry"] is not None:
+        entry = info["entry"]
+        return {"preprocessing": entry["preprocessing"], "class_names": entry["class_names"],
+                "source": f"zoo registry entry {info['key']!r}"}
+    if info["path"] is not None:
+        sidecar = Path(info["path"]).with_name("preprocessing.json")
+        if sidecar.is_file():
+            card = read_json(sidecar, "preprocessing card")
+            if "mean" in card and "std" in card:
+                return {"preprocessing": {"mean": card["mean"], "std": card["std"]},
+                        "class_names": card.get("class_names"), "source": str(sidecar)}
+    return None
+
+
+def preprocess_input(x, arch="newton_cgnet10", tag="cifar10", data_format=None):
+    """Alias of ``keras_newton.preprocess_input(x, data_format, weights=f"{arch}.{tag}")``."""
+    from keras_newton.preprocessing import preprocess_input as _preprocess_input
+
+    return _preprocess_input(x, data_format, weights=f"{arch}.{tag}")
 
 
 def decode_predictions(preds, top=5, class_names=CIFAR10_CLASSES):
-    """``[[(class_index, class_name, score), ...], ...]`` for each row of ``preds``."""
-    preds = np.asarray(preds)
-    if preds.ndim != 2 or preds.shape[1] != len(class_names):
-        raise ValueError(
-            f"`preds` must have shape (batch, {len(class_names)}). Received: "
-            f"preds.shape={preds.shape}"
-        )
-    order = np.argsort(-preds, axis=1)[:, :top]
-    return [[(int(i), class_names[i], float(p[i])) for i in row]
-            for row, p in zip(order, preds, strict=True)]
+    """``[[(class_index, class_name, score), ...], ...]`` for each row of ``preds``; see
+    ``keras_newton.decode_predictions`` (class names from the weights' registry entry)."""
+    from keras_newton.preprocessing import decode
+
+    return decode(preds, class_names, top)
 
 
 def model_card(key):

@@ -216,6 +216,40 @@ def test_not_an_archive(tmp_path):
         kd.load_image_source(tmp_path / "data.csv")
 
 
+@pytest.mark.parametrize("kind", ["folder", "zip", "tar.xz"])
+def test_archive_sample_takes_the_first_images_of_each_class(tmp_path, kind):
+    """The export's parity sample: the first ``per_class`` images of every class, any split."""
+    written = make_image_tree(tmp_path / "src", per_class={"train": 3, "val": 1})
+    source = tmp_path / "src"
+    if kind == "zip":
+        with zipfile.ZipFile(tmp_path / "d.zip", "w") as archive:
+            for name in written:
+                archive.write(source / name, name)
+        source = tmp_path / "d.zip"
+    elif kind == "tar.xz":
+        source = make_tar(source, tmp_path / "d.tar.xz")
+    images, labels, names = kd.archive_sample(source, limit=5, per_class=2)
+    assert names == ["cat", "dog", "frog"] and labels.tolist() == [0, 0, 1, 1, 2]
+    np.testing.assert_array_equal(images[0], written["train/cat/0000.png"])
+    garbage = tmp_path / "bad.tar.gz"
+    garbage.write_bytes(b"\x1f\x8b garbage")
+    with pytest.raises(ValueError, match="corrupt. Received: data=.*bad.tar.gz"):
+        kd.archive_sample(garbage)
+
+
+def test_load_image_names_a_bad_file(tmp_path):
+    Image.fromarray(np.full((8, 6, 3), 7, np.uint8)).save(tmp_path / "ok.png")
+    assert kd.load_image(tmp_path / "ok.png").shape == (8, 6, 3)
+    assert kd.load_image(tmp_path / "ok.png", size=(4, 4), resize=True).shape == (4, 4, 3)
+    with pytest.raises(ValueError, match="8x6.*--resize"):
+        kd.load_image(tmp_path / "ok.png", size=(4, 4))
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="Not a readable image.*bad.png"):
+        kd.load_image(tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="not found.*none.png"):
+        kd.load_image(tmp_path / "none.png")
+
+
 def test_holdout_split_is_fixed_seeded_and_class_balanced():
     labels = np.repeat(np.arange(10), 600)
     np.random.default_rng(0).shuffle(labels)

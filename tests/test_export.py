@@ -416,3 +416,97 @@ def test_every_zoo_entry_exports_and_reloads(key, tmp_path, calibration):
                 assert card["preprocessing"]["source"].endswith("preprocessing.json")
             else:
                 assert card["weights"]["sha256"] == zoo.get_entry(arch, weights)["sha256"]
+
+
+# ---------------------------------------------------------------- int8
+
+def test_split_identity_taps_is_exact():
+    """A stride-1 Conv dominated by its diagonal centre taps becomes Conv(W - D) + depthwise
+    Conv(d); the same function to float rounding. A strided or ordinary Conv stays."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from keras_newton.export.onnx_passes import split_identity_taps
+
+    rng = np.random.default_rng(0)
+    identity = 0.05 * rng.normal(size=(6, 6, 3, 3))
+    identity[np.arange(6), np.arange(6), 1, 1] += rng.uniform(-5.5, -4.5, 6)  # -alpha (I + ...)
+    consts = {"w_id": identity, "b": rng.normal(size=6), "w": rng.normal(size=(6, 6, 3, 3))}
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w_id", "b"], ["y"], name="id", pads=[1, 1, 1, 1]),
+         helper.make_node("Conv", ["x", "w_id"], ["s"], name="strided", pads=[1, 1, 1, 1],
+                          strides=[2, 2]),
+         helper.make_node("Conv", ["x", "w"], ["z"], name="plain", pads=[1, 1, 1, 1])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6, 8, 8])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 6, size, size])
+         for n, size in (("y", 8), ("s", 4), ("z", 8))],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in consts.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = proto.SerializeToString()
+    after, rewritten = split_identity_taps(proto)
+    onnx.checker.check_model(after)
+    assert [r["node"] for r in rewritten] == ["id"] and rewritten[0]["ratio"] > 10
+    assert [n.op_type for n in after.graph.node] == ["Conv", "Conv", "Add", "Conv", "Conv"]
+    x = rng.normal(size=(2, 6, 8, 8)).astype(np.float32)
+    old, new = (ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+                for m in (before, after.SerializeToString()))
+    np.testing.assert_allclose(new[0], old[0], atol=1e-5)
+    np.testing.assert_array_equal(new[1], old[1])
+    np.testing.assert_array_equal(new[2], old[2])
+
+
+def test_quantize_bad_arguments(tmp_path):
+    args = {"model": "newton_cgnet10", "weights": "cifar10", "out": tmp_path / "out"}
+    with pytest.raises(ValueError, match="Received: quantize='int4'"):
+        export_model(**args, quantize="int4")
+    with pytest.raises(ValueError, match="Received: format='savedmodel', quantize='int8'"):
+        export_model(**args, format="savedmodel", quantize="int8")
+    with pytest.raises(ValueError, match="Received: data="):
+        export_model(**args, format="onnx", quantize="int8", calibration_data=tmp_path / "no")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_int8_export_of_trained_weights(tmp_path, cifar):
+    """The zoo's trained Newton-CGNet-10, quantized: calibrated on training images, agrees
+    with its fp32 export on >= 99% of 500 held-out images, and runs in OnnxClassifier."""
+    out = tmp_path / "int8"
+    cards = export_model("newton_cgnet10", "cifar10", out, format="onnx", quantize="int8",
+                         calibration_data=CIFAR_ARCHIVE, validation_limit=500)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model.int8.onnx", "model.int8.onnx.json", "model.onnx", "model.onnx.json"]
+    card = json.loads((out / "model.int8.onnx.json").read_text())
+    assert card == json.loads(json.dumps(cards["onnx_int8"]))
+    assert cards["onnx"]["optimized"] and card["optimized"]  # --quantize implies --optimize
+    quant, acc = card["quantization"], card["accuracy"]
+    assert (quant["format"], quant["activation_type"], quant["weight_type"]) == (
+        "QDQ", "QUInt8", "QInt8")
+    assert quant["per_channel"] and quant["reduce_range"] and quant["excluded_nodes"] == []
+    assert quant["calibration"]["images"] == 512  # the default
+    assert quant["calibration"]["source"] == CIFAR_ARCHIVE.name
+    assert len(quant["identity_taps_split"]) == 2  # stage 1 and stage 3's second CG Block
+    assert {"QuantizeLinear", "DequantizeLinear"} <= set(card["op_types"])
+    assert acc["n"] == 500 and acc["passed"] and acc["fp32_top1"] > 0.8
+    print(f"int8: top-1 {acc['int8_top1']:.4f} vs fp32 {acc['fp32_top1']:.4f}, agreement "
+          f"{acc['top1_agreement']:.4f} on {acc['n']} validation images")
+    assert acc["top1_agreement"] >= 0.99
+    assert card["preprocessing"] == cards["onnx"]["preprocessing"]
+    fp32, int8 = OnnxClassifier(out / "model.onnx"), OnnxClassifier(out / "model.int8.onnx")
+    assert int8.run(int8.preprocess(cifar[:3])).dtype == np.float32
+    top = [np.asarray([row[0][0] for row in clf.classify(cifar[::4])]) for clf in (fp32, int8)]
+    assert (top[0] == top[1]).mean() >= 0.97
+
+
+@pytest.mark.slow
+def test_calibration_never_sees_the_validation_images(cifar):
+    from keras_newton.data import holdout_split, load_dataset
+    from keras_newton.export.quantize import holdout_data
+
+    data = holdout_data(CIFAR_ARCHIVE, calibration_size=300, validation_limit=200)
+    labels = load_dataset("cifar10", CIFAR_ARCHIVE, "train").labels
+    train_idx, val_idx = holdout_split(labels, 5000, 0)  # training's split (trainer.py)
+    assert set(data.calibration_indices) <= set(train_idx)
+    assert set(data.validation_indices) <= set(val_idx) and len(data.validation_indices) == 200
+    assert np.bincount(labels[data.calibration_indices]).tolist() == [30] * 10
+    assert len(data.calibration) == 300 and data.images.shape == (200, 32, 32, 3)

@@ -128,3 +128,85 @@ def test_cli_models_table(capsys):
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("newton_cgnet82 "))
     assert "2.62M" in row and "82" in row.split()[1]
+
+
+def _channels_first_conv_runs():
+    """TensorFlow's CPU kernels run Conv2D in NHWC only; JAX (and GPUs) run NCHW too."""
+    try:
+        keras.layers.Conv2D(1, 1, data_format="channels_first")(np.zeros((1, 1, 2, 2), "float32"))
+    except Exception:  # tf UnimplementedError: "only supports the NHWC tensor format on CPU"
+        return False
+    return True
+
+
+def _randomize(model, seed=0):
+    """Non-trivial weights: random kernels, BN statistics, alphas and betas."""
+    rng = np.random.default_rng(seed)
+    for w in model.weights:
+        value = rng.normal(0, 0.1, w.shape)
+        if w.path.endswith(("variance", "gamma", "alpha", "beta")) and len(w.shape) < 2:
+            value = np.abs(value) + 0.5
+        w.assign(value.astype("float32"))
+    return model
+
+
+CHANNELS_FIRST_BUILDERS = [
+    ("NewtonCGNet10", {}), ("ResNet20", {}), ("PlainNet20", {}),
+    # concatenated branches (eq. 18) along the channel axis; 21.7M parameters: ~15 s on
+    # TensorFlow (symbolic checks), ~55 s on JAX on the busy 2-core CPU
+    pytest.param("NewtonCGNet34", {"input_shape": (3, 32, 32), "classes": 5},
+                 marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("builder,kwargs", CHANNELS_FIRST_BUILDERS)
+def test_channels_first_model_with_channels_last_weights(builder, kwargs, tmp_path):
+    """A channels_first model loads the weights file of a channels_last one (by path).
+
+    Any backend: same shapes (transposed), parameters and weights, BN on axis 1. Where
+    channels_first convolutions run (JAX on CPU; GPUs): the same logits on transposed
+    images (TensorFlow's CPU Conv2D is NHWC only).
+    """
+    build = getattr(kn, builder)
+    size = kwargs.get("input_shape", (3, 32, 32))[1:]
+    last = _randomize(build(data_format="channels_last", classifier_activation=None,
+                            **{**kwargs, "input_shape": (*size, 3)}))
+    last.save_weights(tmp_path / "last.weights.h5")
+    first = build(data_format="channels_first", classifier_activation=None,
+                  weights=tmp_path / "last.weights.h5", **{**kwargs, "input_shape": (3, *size)})
+    assert first.input_shape == (None, 3, *size)
+    assert first.count_params() == last.count_params()
+    for a, b in zip(first.weights, last.weights, strict=True):
+        assert a.path == b.path
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a),
+                                      keras.ops.convert_to_numpy(b))
+    for layer in first.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            assert layer.axis in (1, [1]), layer.name
+        if hasattr(layer, "data_format"):
+            assert layer.data_format == "channels_first", layer.name
+        if layer.name in ("stage1", "stage2", "stage3", "stage4"):
+            want = last.get_layer(layer.name).output.shape
+            assert layer.output.shape == (None, want[3], want[1], want[2]), layer.name
+    if builder != "NewtonCGNet34":  # 21.7M parameters: built twice only
+        notop = build(data_format="channels_first", include_top=False, **kwargs)
+        assert notop.output_shape == (None, 64, 8, 8)
+    if not _channels_first_conv_runs():
+        pytest.skip("outputs not compared: no channels_first Conv2D on this backend/device "
+                    "(TensorFlow on CPU); the JAX run of `make test` compares them")
+    x = np.random.default_rng(1).normal(size=(2, *size, 3)).astype("float32")
+    want = keras.ops.convert_to_numpy(last(x))
+    got = keras.ops.convert_to_numpy(first(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
+    assert np.abs(want).max() > 0.1  # the weights do something
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_image_data_format_is_the_default():
+    previous = keras.config.image_data_format()
+    keras.config.set_image_data_format("channels_first")
+    try:
+        assert kn.NewtonCGNet10().input_shape == (None, 3, 32, 32)
+        assert kn.ResNet20(include_top=False).output_shape == (None, 64, 8, 8)
+    finally:
+        keras.config.set_image_data_format(previous)
+    assert kn.NewtonCGNet10(data_format="channels_last").input_shape == (None, 32, 32, 3)

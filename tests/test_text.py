@@ -292,7 +292,8 @@ def test_tokenizer_in_tf_data_and_config():
 
 @needs_tf
 def test_savedmodel_signature_takes_raw_strings(tmp_path, rng):
-    from keras_newton.data.text import CharTokenizer, export_text_savedmodel
+    from keras_newton.data.text import CharTokenizer
+    from keras_newton.export import export_text_savedmodel
 
     model = newton_cgnet_text(sequence_length=64, hidden_units=16)
     texts = ["Wall St. Bears Claw Back Into the Black (Reuters)", "", "caf\u00e9 \u00fcber"]

@@ -2,7 +2,10 @@
 
 import importlib.util
 import json
+import shutil
+from pathlib import Path
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -16,12 +19,19 @@ from keras_newton.training import (
     LossDivergedError,
     compile_for_recipe,
     get_recipe,
+    light_state,
     read_history,
     train,
 )
 from keras_newton.training import callbacks as callbacks_module
 from keras_newton.training import cli as train_cli
-from keras_newton.training.callbacks import TimeBudget, milestone_lr
+from keras_newton.training.callbacks import StopAfter, TimeBudget, milestone_lr
+from keras_newton.training.losses import SparseCategoricalCrossentropyWithSmoothing
+from keras_newton.training.recipes import recorded_recipe
+from keras_newton.training.schedules import RecipeSchedule, epoch_lr, recipe_lr
+
+REPO = Path(__file__).resolve().parents[1]
+jax_only = pytest.mark.skipif(keras.backend.backend() != "jax", reason="the JAX backend's path")
 
 
 @pytest.fixture
@@ -383,18 +393,13 @@ def test_cli_reports_bad_input_cleanly(tmp_path, capsys):
     assert err.startswith("keras-newton train: error: Unknown model") and "resnet20" in err
 
 
-@pytest.mark.slow  # about 2 minutes: JAX compiles Newton-CGNet-10 on CPU
-@pytest.mark.heavy
-def test_gpu_script_without_tensorflow(tmp_path):
-    """zoo/gpu_train.sh as on the GPU machine: JAX, bf16, TensorFlow absent, two models side
-    by side, one tar each back."""
+def gpu_script_env(tmp_path):
+    """The GPU machine's setting for zoo/gpu_train.sh on this CPU: JAX, TensorFlow hidden, a
+    10-class archive of 8 images per class. Returns ``(repo root, env, archive)``."""
     import os
-    import subprocess
     import sys
     import tarfile
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
     hide = tmp_path / "hide_tf"
     hide.mkdir()
     (hide / "sitecustomize.py").write_text(  # `import tensorflow` fails, find_spec is None
@@ -404,12 +409,24 @@ def test_gpu_script_without_tensorflow(tmp_path):
     archive = tmp_path / "images.tar"
     with tarfile.open(archive, "w") as tar:
         tar.add(tmp_path / "images" / "train", arcname="train")
-    env = {**os.environ, "PYTHONPATH": str(hide), "DEPTHS": "10 16", "EPOCHS_10": "2",
-           "EPOCHS_16": "4", "WARMUP_16": "1", "KERAS_NEWTON_HOME": str(tmp_path / "home"),
-           "EXTRA_ARGS": "--val-size 20 --batch-size 20",
-           "DATA": str(archive), "OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "runs"),
+    env = {**os.environ, "PYTHONPATH": str(hide), "KERAS_NEWTON_HOME": str(tmp_path / "home"),
+           "DATA": str(archive), "RUNS": str(tmp_path / "runs"),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("KERAS_BACKEND", None)
+    return REPO, env, archive
+
+
+@pytest.mark.slow  # about 2 minutes: JAX compiles Newton-CGNet-10 on CPU
+@pytest.mark.heavy
+def test_gpu_script_without_tensorflow(tmp_path):
+    """zoo/gpu_train.sh as on the GPU machine: JAX, bf16, TensorFlow absent, two models side
+    by side, one tar each back."""
+    import subprocess
+    import tarfile
+
+    root, env, _ = gpu_script_env(tmp_path)
+    env.update({"DEPTHS": "10 16", "EPOCHS_10": "2", "EPOCHS_16": "4", "WARMUP_16": "1",
+                "EXTRA_ARGS": "--val-size 20 --batch-size 20", "OUT": str(tmp_path / "out")})
     done = subprocess.run(["bash", str(root / "zoo" / "gpu_train.sh")], cwd=root, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -423,7 +440,7 @@ def test_gpu_script_without_tensorflow(tmp_path):
             tar.extractall(tmp_path / "back", filter="data")
         assert names == sorted(f"{model}/{n}" for n in (
             "best.json", "best.weights.h5", "budget.json", "config.json", "curves.png",
-            "history.csv", "preprocessing.json", "summary.json"))
+            "history.csv", "legs.json", "preprocessing.json", "state.json", "summary.json"))
         run = runs[model] = tmp_path / "back" / model
         summary = json.loads((run / "summary.json").read_text())
         assert summary["backend"] == "jax" and summary["mixed_precision"] is True
@@ -436,3 +453,534 @@ def test_gpu_script_without_tensorflow(tmp_path):
     # The weights, optimizer state stripped, load into a fresh model.
     model = NewtonCGNet10(weights=str(runs["newton_cgnet10"] / "best.weights.h5"))
     assert model.output_shape == (None, 10)
+
+
+# --- Short schedules: cosine decay, linear warm-up, label smoothing -----------------------
+
+def compiled_lrs(recipe, steps, steps_per_epoch=10):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    compile_for_recipe(model, recipe, steps_per_epoch=steps_per_epoch)
+    lrs = []
+    for step in steps:
+        model.optimizer.iterations.assign(step)
+        lrs.append(float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)))
+    return lrs
+
+
+@pytest.mark.backend_agnostic
+def test_cosine_schedule_with_linear_warmup_by_hand():
+    # 4 epochs of 10 steps, 1 linear warm-up epoch, lr 0.2: steps 0-9 ramp 0.02, 0.04, ...,
+    # 0.2; then 0.1 * (1 + cos(pi * (step - 10) / 30)).
+    recipe = get_recipe("cifar10", True, epochs=4, lr=0.2, warmup_epochs=1, warmup="linear",
+                        schedule="cosine")
+    steps = (0, 4, 9, 10, 25, 39)
+    expected = [0.02, 0.1, 0.2, 0.2, 0.1, 0.1 * (1 - 0.9945218953682733)]  # cos(29 pi/30)
+    np.testing.assert_allclose(compiled_lrs(recipe, steps), expected, rtol=1e-5)
+    np.testing.assert_allclose([recipe_lr(recipe, s, 10) for s in steps], expected, rtol=1e-12)
+    # Per epoch (TimeBudget's form): the ramp's end, then the cosine at each epoch's start.
+    np.testing.assert_allclose([epoch_lr(recipe, e, 4) for e in range(4)],
+                               [0.2, 0.2, 0.15, 0.05], rtol=1e-12)
+    assert isinstance(RecipeSchedule.from_recipe(recipe, 10), RecipeSchedule)
+
+
+@pytest.mark.backend_agnostic
+def test_other_warmup_and_schedule_combinations_by_hand():
+    # The paper's steps after a 2-epoch linear warm-up (8 epochs): ramp, 0.2, 0.02 from
+    # step 40, 0.002 from step 60.
+    recipe = get_recipe("cifar10", epochs=8, lr=0.2, warmup_epochs=2, warmup="linear")
+    steps = (0, 19, 20, 39, 40, 59, 60, 79)
+    expected = [0.01, 0.2, 0.2, 0.2, 0.02, 0.02, 0.002, 0.002]
+    np.testing.assert_allclose(compiled_lrs(recipe, steps), expected, rtol=1e-6)
+    np.testing.assert_allclose([recipe_lr(recipe, s, 10) for s in steps], expected, rtol=1e-12)
+    # Cosine after a constant warm-up (lr * lr_factor), 3 epochs: 0.02 for steps 0-9, then
+    # 0.1 * (1 + cos(pi * (step - 10) / 20)).
+    recipe = get_recipe("cifar10", epochs=3, lr=0.2, warmup_epochs=1, schedule="cosine")
+    steps = (0, 9, 10, 20, 29)
+    expected = [0.02, 0.02, 0.2, 0.1, 0.1 * (1 - 0.9876883405951378)]  # cos(19 pi/20)
+    np.testing.assert_allclose(compiled_lrs(recipe, steps), expected, rtol=1e-5)
+    # Cosine without warm-up: lr at step 0, lr / 2 halfway.
+    recipe = get_recipe("cifar10", epochs=2, schedule="cosine")
+    np.testing.assert_allclose(compiled_lrs(recipe, (0, 10)), [0.1, 0.05], rtol=1e-6)
+
+
+def test_short_schedule_options_are_checked():
+    for change, message in [({"schedule": "exp"}, r"Received: schedule='exp'"),
+                            ({"warmup": "cubic"}, r"Received: warmup='cubic'"),
+                            ({"label_smoothing": 1.0}, r"Received: label_smoothing=1.0"),
+                            ({"schedule": "cosine", "epochs": 2, "warmup_epochs": 2},
+                             r"cosine decay.*Received: warmup_epochs=2")]:
+        with pytest.raises(ValueError, match=message):
+            get_recipe("cifar10", True, **change)
+    # With the cosine, the warm-up may pass the step schedule's first milestone.
+    assert get_recipe("cifar10", epochs=4, warmup_epochs=3, schedule="cosine")
+
+
+def test_new_options_are_recorded_only_when_set():
+    """Configs of runs started before the options (no such keys) still match: the options
+    at their defaults are not recorded."""
+    plain = recorded_recipe(get_recipe("cifar10", True, dropout=0.0, epochs=120))
+    assert not {"warmup_epochs", "warmup", "schedule", "label_smoothing"} & set(plain)
+    # The run in progress resumes with its command: its config is what `train` records.
+    committed = json.loads((REPO / "zoo" / "in_progress" / "ncg10_d0_e120" / "config.json")
+                           .read_text())
+    assert {k: v for k, v in committed.items() if k not in ("data", "data_key")} == {
+        "model": "newton_cgnet10", "dataset": "cifar10", "limit": None, "seed": 0, **plain}
+    short = recorded_recipe(get_recipe("cifar10", True, schedule="cosine", warmup_epochs=2,
+                                       warmup="linear", label_smoothing=0.1, epochs=40))
+    assert (short["schedule"], short["warmup"], short["warmup_epochs"],
+            short["label_smoothing"]) == ("cosine", "linear", 2, 0.1)
+    # A constant warm-up records its epochs only (as before the `warmup` option).
+    assert "warmup" not in recorded_recipe(get_recipe("cifar10", warmup_epochs=1))
+
+
+@pytest.mark.backend_agnostic
+def test_label_smoothing_loss_by_hand():
+    loss = SparseCategoricalCrossentropyWithSmoothing(0.1)
+    p = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1]], "float32")
+    # targets (1 - 0.1) * one_hot + 0.1 / 3
+    by_hand = [-(0.9 + 0.1 / 3) * np.log(0.9) - 2 * (0.1 / 3) * np.log(0.05),
+               -(0.1 / 3) * np.log(0.2) - (0.9 + 0.1 / 3) * np.log(0.7)
+               - (0.1 / 3) * np.log(0.1)]
+    np.testing.assert_allclose(float(loss(np.array([0, 1]), p)), np.mean(by_hand), rtol=1e-5)
+    plain = keras.losses.SparseCategoricalCrossentropy()(np.array([[0], [1]]), p)
+    np.testing.assert_allclose(float(SparseCategoricalCrossentropyWithSmoothing(0.0)(
+        np.array([[0], [1]]), p)), float(plain), rtol=1e-6)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3, activation="softmax")])
+    compile_for_recipe(model, get_recipe("cifar10", label_smoothing=0.1), steps_per_epoch=1)
+    assert model.loss.label_smoothing == 0.1
+    restored = SparseCategoricalCrossentropyWithSmoothing.from_config(model.loss.get_config())
+    assert restored.label_smoothing == 0.1
+
+
+# --- Pausing, the light state, resuming on another machine -----------------------------
+
+def test_stop_after_pauses_at_the_last_epoch_that_fits(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(callbacks_module.time, "monotonic", clock)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.stop_training = False  # as `fit` sets it
+    stop = StopAfter(100, start=0.0)
+    stop.set_model(model)
+    stop.set_params({"epochs": 300})
+    stop.on_train_begin()
+    ran = 0
+    # Epoch 1 (compiling) 30 s, then 10 s: after epoch 7 (90 s) the next (10.5 s) would end
+    # past 100 s.
+    for epoch, seconds in enumerate([30] + [10] * 20):
+        stop.on_epoch_begin(epoch)
+        clock.now += seconds
+        stop.on_epoch_end(epoch)
+        ran += 1
+        if model.stop_training:
+            break
+    assert ran == 7 and stop.paused and clock.now == 90
+    # At the run's last epoch it does not pause: the run ends.
+    model.stop_training = False
+    stop.set_params({"epochs": 1})
+    stop.on_train_begin()
+    stop.on_epoch_begin(0)
+    clock.now += 500
+    stop.on_epoch_end(0)
+    assert not stop.paused and not model.stop_training
+
+
+class StartState(keras.callbacks.Callback):
+    """Records the epochs run and the state at the start of `fit`."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs = []
+
+    def on_train_begin(self, logs=None):
+        self.weights = [w.copy() for w in self.model.get_weights()]
+        optimizer = self.model.optimizer
+        self.iterations = int(keras.ops.convert_to_numpy(optimizer.iterations))
+        self.slots = [keras.ops.convert_to_numpy(v) for v in optimizer.variables
+                      if "momentum" in v.path]
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch)
+
+
+@pytest.mark.slow  # three calls of `train`
+@pytest.mark.backend_agnostic
+def test_light_state_resumes_elsewhere_without_momentum(tiny, tmp_path, capsys):
+    """Two calls paused by --stop-after (the second resumes the backup), a snapshot, and
+    the run continued from it in a fresh folder: next epoch, exact lr, history kept."""
+    out = tmp_path / "run"
+    settings = tiny_run(tiny, out, epochs=4, schedule="cosine", warmup_epochs=1,
+                        warmup="linear", augment=True)
+    first = train(**settings, stop_after=1e-3)
+    assert first["status"] == "paused" and first["epochs"] == 1
+    assert not (out / "summary.json").exists() and (out / "backup").exists()
+    resumed = StartState()
+    assert train(**settings, stop_after=1e-3, callbacks=[resumed])["epochs"] == 2
+    assert resumed.epochs == [1] and resumed.iterations == 3  # the backup, with momentum
+    assert any(np.abs(s).max() > 0 for s in resumed.slots)
+    state = json.loads((out / "state.json").read_text())
+    assert (state["epochs_done"], state["iterations"], state["steps_per_epoch"]) == (2, 6, 3)
+    model = NewtonCGNet10(classes=3)
+    model.load_weights(out / "last.weights.h5")
+    weights_after_2 = [w.copy() for w in model.get_weights()]
+
+    snap = tmp_path / "in_progress" / "run"
+    names = light_state.snapshot(out, snap)
+    assert "backup" not in names and "last.weights.h5" in names and names[-1] == "SHA256SUMS"
+    light_state.check_sums(snap)
+    with h5py.File(snap / "last.weights.h5") as f:
+        assert "optimizer" not in f
+    best = json.loads((snap / "best.json").read_text())
+    assert (snap / "best.weights.h5").exists() == (best["epoch"] != 2)
+
+    # Elsewhere: the committed folder, copied to a new place, resumes with --resume's
+    # settings (here `train` itself, to watch the start).
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(snap, moved)
+    light = StartState()
+    summary = train(**{**settings, "out": moved}, callbacks=[light])
+    assert "from its light state" in capsys.readouterr().out
+    assert light.epochs == [2, 3] and light.iterations == 6
+    # No momentum came with it: the slots are zeros (JAX builds them before `fit` starts)
+    # or not built yet (TensorFlow builds them at the first step, from zeros).
+    assert all(np.abs(s).max() == 0 for s in light.slots)
+    for restored, saved in zip(light.weights, weights_after_2, strict=True):
+        np.testing.assert_array_equal(restored, saved)
+    rows = read_history(moved)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert rows[:2] == read_history(out)[:2]
+    # epoch 3 starts at step 6: 0.05 * (1 + cos(pi * (6 - 3) / 9)) = 0.075; epoch 4: 0.025
+    np.testing.assert_allclose([r["lr"] for r in rows], [0.1 / 3, 0.1, 0.075, 0.025],
+                               rtol=1e-5)
+    assert summary["status"] == "completed" and summary["epochs"] == 4
+    assert [leg["resumed_from"] for leg in summary["legs"]] == ["start", "backup", "light"]
+    assert [leg["first_epoch"] for leg in summary["legs"]] == [1, 2, 3]
+    assert not (moved / "SHA256SUMS").exists()  # it described the state it resumed from
+
+
+def test_light_state_is_checked_and_a_newer_one_wins(tiny, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="killed after epoch 1"):
+        train(**tiny_run(tiny, out, epochs=3), callbacks=[Crash()])
+    snap = tmp_path / "snap"
+    light_state.snapshot(out, snap)
+    (snap / "history.csv").write_text("epoch\n1\n")
+    with pytest.raises(ValueError, match=r"SHA256SUMS: history.csv \(sha256 differs\)"):
+        train(**tiny_run(tiny, snap, epochs=3))
+    # A backup older than the light state (a newer state copied over the folder) is set
+    # aside; one as recent is preferred (it has the momentum).
+    state = json.loads((out / "state.json").read_text())
+    assert light_state.resume_kind(out) == "backup"
+    (out / "state.json").write_text(json.dumps({**state, "epochs_done": 2}))
+    assert light_state.resume_kind(out) == "light"
+    assert (out / "backup.old").exists() and not (out / "backup").exists()
+
+
+def test_resume_flag_takes_the_settings_from_config(tiny, tmp_path, capsys):
+    """A folder holding only a config.json (a run created for another machine) starts with
+    `--resume`; later calls continue it; --data is checked by content."""
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError):
+        train(**tiny_run(tiny, out, epochs=3, label_smoothing=0.1, dropout=0.0),
+              callbacks=[Crash()])
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"] == "images" and config["data_key"].startswith("folder-")
+    assert config["label_smoothing"] == 0.1 and "schedule" not in config
+    fresh = tmp_path / "fresh"  # --config-only writes the config `train` writes
+    assert train_cli.main(["--config-only", "--model", "newton_cgnet10", "--dataset", "folder",
+                           "--data", str(tiny), "--epochs", "3", "--batch-size", "8",
+                           "--val-size", "6", "--label-smoothing", "0.1", "--dropout", "0",
+                           "--out", str(fresh)]) == 0
+    assert json.loads((fresh / "config.json").read_text()) == config
+    assert sorted(p.name for p in fresh.iterdir()) == ["config.json"]
+    argv = ["--resume", "--out", str(fresh), "--data", str(tiny), "--verbose", "0",
+            "--distribute", "none", "--stop-after", "0.001"]
+    assert train_cli.main(argv) == 0
+    assert "paused after epoch 1 of 3" in capsys.readouterr().out
+    assert json.loads((fresh / "config.json").read_text()) == config
+    assert train_cli.main([*argv, "--lr", "0.3"]) == 2
+    assert "other settings (lr)" in capsys.readouterr().err
+    assert train_cli.main(["--resume", "--out", str(tmp_path / "none")]) == 2
+    assert "needs the run's config.json" in capsys.readouterr().err
+
+
+def test_command_from_config_is_portable():
+    config = json.loads((REPO / "zoo" / "in_progress" / "ncg10_d0_e120" / "config.json")
+                        .read_text())
+    assert train_cli.command_from_config(
+        config, "../shared/datasets/cifar10-jpeg/train.tar.xz", out="runs/ncg10_d0_e120") == (
+        "keras-newton train --model newton_cgnet10 --dataset cifar10 --data "
+        "../shared/datasets/cifar10-jpeg/train.tar.xz --augment --epochs 120 --dropout 0 "
+        "--out runs/ncg10_d0_e120")
+    short = {**config, "epochs": 40, "dropout": 0.2, "schedule": "cosine", "warmup": "linear",
+             "warmup_epochs": 2, "label_smoothing": 0.1}
+    assert train_cli.command_from_config(short, "PATH/train.tar.xz").endswith(
+        "--data PATH/train.tar.xz --augment --epochs 40 --schedule cosine --warmup linear "
+        "--warmup-epochs 2 --label-smoothing 0.1")
+
+
+# --- The JAX path with the data on the device ----------------------------------------
+
+def test_on_device_needs_jax_and_one_device(tiny, tmp_path):
+    if keras.backend.backend() == "jax":
+        pytest.skip("the TensorFlow backend's refusal")
+    with pytest.raises(ValueError, match="needs the JAX backend.*Received: on_device=True"):
+        train(**tiny_run(tiny, tmp_path / "run"), on_device=True)
+    with pytest.raises(ValueError, match=r"cosine.*Received: time_budget=60, schedule='cosine'"):
+        train(**tiny_run(tiny, tmp_path / "run", schedule="cosine"), time_budget=60)
+
+
+def test_execution_length_divides_the_epoch_when_it_can():
+    from keras_newton.training.on_device import execution_length
+
+    assert execution_length(351, 64) == 39 and execution_length(351, 39) == 39
+    assert execution_length(352, 64) == 44 and execution_length(10, 100) == 10  # 352 = 8 * 44
+    assert execution_length(353, 64) == 64  # prime: the last call takes the rest
+    assert execution_length(7, 1) == 1
+
+
+def _shifts_and_flip(original, augmented, shift=4):
+    """The (dy, dx, flipped) of every zero-filled shift of ``original`` (mirrored or not)
+    that equals ``augmented``."""
+    h, w = original.shape[:2]
+    padded = np.pad(original, ((shift, shift), (shift, shift), (0, 0)))
+    found = []
+    for flipped in (False, True):
+        for r in range(2 * shift + 1):
+            for c in range(2 * shift + 1):
+                crop = padded[r:r + h, c:c + w]
+                if np.array_equal(crop[:, ::-1] if flipped else crop, augmented):
+                    found.append((r - shift, c - shift, flipped))
+    return found
+
+
+@pytest.mark.backend_agnostic
+@jax_only
+def test_device_augmentation_is_the_pipelines():
+    """Every augmented image is a zero-filled shift within +-4 pixels, mirrored or not, of
+    its source, as in pipeline._shift_and_flip; shifts and flips vary."""
+    import jax
+
+    from keras_newton.data.pipeline import _shift_and_flip
+    from keras_newton.training.on_device import shift_and_flip
+
+    images = np.random.default_rng(0).integers(1, 256, (64, 32, 32, 3), dtype=np.uint8)
+    ours = np.asarray(jax.jit(shift_and_flip)(images, jax.random.key(1)))
+    reference = _shift_and_flip(images, 4, np.random.default_rng(1))
+    assert ours.dtype == np.uint8 and ours.shape == images.shape
+    seen = []
+    for batch in (ours, reference):
+        found = [_shifts_and_flip(x, y) for x, y in zip(images, batch, strict=True)]
+        assert all(len(f) == 1 for f in found)  # nonzero pixels: exactly one explanation
+        seen.append([f[0] for f in found])
+    for kind in seen:
+        assert 16 <= sum(f for _, _, f in kind) <= 48  # about half mirrored
+        assert {dy for dy, _, _ in kind} | {dx for _, dx, _ in kind} <= set(range(-4, 5))
+        assert len({(dy, dx) for dy, dx, _ in kind}) > 20
+
+
+def small_model(classes=3):
+    model = keras.Sequential([
+        keras.Input((32, 32, 3)), keras.layers.Conv2D(4, 3, strides=2),
+        keras.layers.BatchNormalization(), keras.layers.ReLU(),
+        keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(classes, activation="softmax")])
+    return model
+
+
+def learnable(n, rng):
+    """Images whose class is the brightest channel."""
+    labels = rng.integers(0, 3, n)
+    images = rng.integers(0, 120, (n, 32, 32, 3))
+    images[np.arange(n), :, :, labels] += 120
+    return images.astype(np.uint8), labels
+
+
+@pytest.mark.backend_agnostic
+@jax_only
+def test_on_device_step_is_keras_train_step():
+    """One on-device step over all images (no augmentation) gives the weights of
+    ``train_on_batch`` on the same images, normalised on the host."""
+    from keras_newton.training.on_device import fit_on_device
+
+    rng = np.random.default_rng(0)
+    images, labels = learnable(16, rng)
+    mean, std = [110.0, 100.0, 90.0], [60.0, 50.0, 40.0]
+    a, b = small_model(), small_model()
+    b.set_weights(a.get_weights())
+    recipe = get_recipe("cifar10", epochs=1, label_smoothing=0.1)
+    for model in (a, b):
+        compile_for_recipe(model, recipe, steps_per_epoch=1)
+    fit_on_device(a, (images, labels), None, mean, std, epochs=1, batch_size=16,
+                  augment=False, verbose=0)
+    b.train_on_batch((images.astype("float32") - mean) / np.asarray(std, "float32"), labels)
+    for wa, wb in zip(a.get_weights(), b.get_weights(), strict=True):
+        np.testing.assert_allclose(wa, wb, rtol=2e-5, atol=2e-6)
+    assert int(a.optimizer.iterations.numpy()) == 1
+
+
+@pytest.mark.backend_agnostic
+@jax_only
+def test_on_device_training_learns_and_resumes(tmp_path):
+    """Calls of 3 steps (a loop, as on GPUs) per epoch: the loss falls; the callbacks see
+    the usual logs; a second fit from a backup continues at the next epoch."""
+    from keras_newton.training.on_device import fit_on_device
+
+    rng = np.random.default_rng(0)
+    (x, y), (xv, yv) = learnable(96, rng), learnable(20, rng)
+    mean, std = [120.0] * 3, [70.0] * 3
+    model = small_model()
+    compile_for_recipe(model, get_recipe("cifar10", epochs=6, lr=0.2), steps_per_epoch=6)
+    backup = tmp_path / "backup"
+    crash = Crash()  # after epoch 1, with the backup written
+    with pytest.raises(RuntimeError, match="killed after epoch 1"):
+        fit_on_device(model, (x, y), (xv, yv), mean, std, epochs=6, batch_size=16,
+                      steps_per_execution=4, loop=True, verbose=0, callbacks=[
+                          keras.callbacks.BackupAndRestore(str(backup)), crash])
+    fresh = small_model()
+    compile_for_recipe(fresh, get_recipe("cifar10", epochs=6, lr=0.2), steps_per_epoch=6)
+    start = StartState()
+    history = fit_on_device(fresh, (x, y), (xv, yv), mean, std, epochs=6, batch_size=16,
+                            steps_per_execution=4, loop=True, verbose=0, callbacks=[
+                                keras.callbacks.BackupAndRestore(str(backup)), start])
+    assert start.epochs == [1, 2, 3, 4, 5] and start.iterations == 6
+    for restored, saved in zip(start.weights, crash.weights, strict=True):
+        np.testing.assert_array_equal(restored, saved)
+    losses = history.history["loss"]
+    assert set(history.history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert losses[-1] < 0.7 * losses[0] and history.history["val_accuracy"][-1] > 0.6
+    assert int(fresh.optimizer.iterations.numpy()) == 36  # 6 epochs x 6 steps (3 + 3)
+
+
+@pytest.mark.backend_agnostic
+@jax_only
+def test_on_device_loop_is_the_steps_one_by_one():
+    """Without augmentation (same batches), 3 steps in a loop per call give the weights of
+    one step per call (the CPU's default)."""
+    from keras_newton.training.on_device import fit_on_device
+
+    rng = np.random.default_rng(1)
+    (x, y), (xv, yv) = learnable(48, rng), learnable(10, rng)
+    a, b = small_model(), small_model()
+    b.set_weights(a.get_weights())
+    logs = {}
+    for model, loop in ((a, True), (b, False)):
+        compile_for_recipe(model, get_recipe("cifar10", epochs=2, schedule="cosine"), 3)
+        logs[loop] = fit_on_device(model, (x, y), (xv, yv), [110.0] * 3, [60.0] * 3,
+                                   epochs=2, batch_size=16, augment=False, loop=loop,
+                                   steps_per_execution=3, verbose=0).history
+    for wa, wb in zip(a.get_weights(), b.get_weights(), strict=True):
+        np.testing.assert_allclose(wa, wb, rtol=1e-4, atol=1e-5)
+    for key in ("loss", "val_loss", "val_accuracy"):
+        np.testing.assert_allclose(logs[True][key], logs[False][key], rtol=1e-4)
+
+
+@pytest.mark.slow  # about 2 minutes: JAX compiles Newton-CGNet-10 twice on this CPU
+@pytest.mark.heavy
+@pytest.mark.backend_agnostic
+@jax_only
+def test_train_on_device_end_to_end(tiny, tmp_path):
+    out = tmp_path / "run"
+    settings = tiny_run(tiny, out, epochs=2, augment=True, schedule="cosine")
+    first = train(**settings, on_device=True, steps_per_execution=2, stop_after=1e-3)
+    assert first["status"] == "paused" and first["epochs"] == 1
+    summary = train(**settings, on_device=True, steps_per_execution=2)
+    assert summary["status"] == "completed" and summary["on_device"]
+    rows = read_history(out)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    np.testing.assert_allclose([r["lr"] for r in rows], [0.1, 0.05], rtol=1e-5)
+    assert [leg["on_device"] for leg in summary["legs"]] == [True, True]
+    assert json.loads((out / "state.json").read_text())["iterations"] == 6
+
+
+def restore_gpu_files(files, name, folder):
+    """The restore lines of zoo/gpu_train.sh's header, in Python."""
+    import tarfile
+
+    if (folder / name).exists():
+        shutil.rmtree(folder / name)
+    with tarfile.open(files / f"{name}.tar") as tar:
+        tar.extractall(folder, filter="data")
+    for weights in files.glob(f"{name}.*.weights.h5"):
+        shutil.copyfile(weights, folder / name / weights.name[len(name) + 1:])
+    light_state.check_sums(folder / name)
+
+
+@pytest.mark.slow  # 10 minutes here: two calls, each compiling Newton-CGNet-10 in bf16
+@pytest.mark.heavy
+def test_gpu_script_continues_a_run(tmp_path, monkeypatch, capsys):
+    """CONTINUE mode as on the GPU machine (JAX, bf16, data on the device, TensorFlow
+    absent): a run created with --config-only is paused after epoch 1, its files come back
+    and are restored as the header says, a second call ends it, and `zoo add` registers
+    the restored folder with a portable command."""
+    import subprocess
+
+    from keras_newton import zoo
+
+    root, env, archive = gpu_script_env(tmp_path)
+    folder = tmp_path / "in_progress"
+    assert train_cli.main(["--config-only", "--model", "newton_cgnet10", "--dataset", "cifar10",
+                           "--data", str(archive), "--augment", "--epochs", "3", "--schedule",
+                           "cosine", "--warmup-epochs", "1", "--warmup", "linear",
+                           "--label-smoothing", "0.1", "--val-size", "20", "--batch-size", "20",
+                           "--out", str(folder / "ncg10_t")]) == 0
+    config = json.loads((folder / "ncg10_t" / "config.json").read_text())
+    for call, margin in ((1, "599"), (2, "0")):  # pause after 1 s (epoch 1), then the rest
+        env.update({"CONTINUE": str(folder / "ncg10_t"), "SECONDS_RUN": "600",
+                    "MARGIN": margin, "OUT": str(tmp_path / f"out{call}")})
+        done = subprocess.run(["bash", str(root / "zoo" / "gpu_train.sh")], cwd=root,
+                              env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        files = tmp_path / f"out{call}"
+        back = sorted(p.name for p in files.iterdir())
+        assert {"ncg10_t.tar", "ncg10_t.last.weights.h5", "ncg10_t.log"} <= set(back)
+        assert all((files / n).stat().st_size < 16 * 2**20 for n in back) and len(back) <= 8
+        restore_gpu_files(files, "ncg10_t", folder)
+        state = json.loads((folder / "ncg10_t" / "state.json").read_text())
+        assert state["epochs_done"] == (1 if call == 1 else 3)
+    log = (tmp_path / "out1" / "ncg10_t.log").read_text()
+    assert "paused after epoch 1 of 3" in log
+    run = folder / "ncg10_t"
+    assert json.loads((run / "config.json").read_text()) == config
+    rows = read_history(run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    # linear warm-up (3 steps) 0.1 / 3 at step 0; the cosine from step 3: 0.1, then 0.05
+    np.testing.assert_allclose([r["lr"] for r in rows], [0.1 / 3, 0.1, 0.05], rtol=1e-5)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["on_device"]
+    assert [(leg["resumed_from"], leg["backend"], leg["mixed_precision"], leg["on_device"])
+            for leg in summary["legs"]] == [("start", "jax", True, True),
+                                            ("light", "jax", True, True)]
+
+    monkeypatch.setattr(zoo, "REPO_ZOO", tmp_path / "zoo")
+    monkeypatch.setattr(zoo, "REGISTRY_FILE", tmp_path / "registry.json")
+    monkeypatch.setattr(zoo, "REGISTRY", {})
+    add = ["zoo", "add", "--run", str(run), "--tag", "t", "--commit", "abc1234"]
+    assert main_cli.main(add) == 2  # the config names the source by name and sha256 only
+    assert "Pass --data, the run's source" in capsys.readouterr().err
+    assert main_cli.main([*add, "--data", str(archive)]) == 0
+    recipe = json.loads((tmp_path / "registry.json").read_text())["newton_cgnet10.t"]["recipe"]
+    assert recipe["command"] == (  # from its config; the archive is not beside the repository
+        "keras-newton train --model newton_cgnet10 --dataset cifar10 --data PATH/images.tar "
+        "--augment --batch-size 20 --warmup-epochs 1 --warmup linear --schedule cosine "
+        "--label-smoothing 0.1 --val-size 20 --epochs 3 --out runs/ncg10_t")
+    assert "/tmp" not in recipe["command"] and recipe["data"]["file"] == "images.tar"
+    assert "resumed at epoch 2 from the last epoch's weights" in recipe["trained_with"]
+
+
+def test_records_hold_no_machine_path():
+    """Registry commands and the committed Newton-CGNet-82 run name their data source by a
+    path from the repository (or by file name and sha256), never this machine's."""
+    import shlex
+
+    from keras_newton import zoo
+
+    for key, entry in zoo.REGISTRY.items():
+        argv = shlex.split(entry["recipe"]["command"])
+        assert not Path(argv[argv.index("--data") + 1]).is_absolute(), key
+    config = json.loads((REPO / "zoo" / "in_progress" / "ncg82_cos40" / "config.json")
+                        .read_text())
+    recipe = get_recipe("cifar10", True, epochs=40, schedule="cosine", warmup_epochs=2,
+                        warmup="linear", label_smoothing=0.1)  # zoo/in_progress/README.md
+    assert config == {
+        "model": "newton_cgnet82", "dataset": "cifar10", "data": "train.tar.xz",
+        "data_key": "sha256-da41fa56b5d113f3661f7d567d5c0652bab701eef3a0fff0d6364184aa9c7847",
+        "limit": None, "seed": 0, **recorded_recipe(recipe)}

@@ -1,10 +1,14 @@
 """Hyperparameter search: spaces, a real 2-trial search end to end, resume after a kill,
-Figure 4 sweeps, MirroredStrategy, bad input."""
+Figure 4 sweeps, MirroredStrategy, bad input, KerasTuner's chief/worker mode on loopback."""
 
 import json
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import keras
@@ -378,3 +382,344 @@ def test_cli_without_keras_tuner(monkeypatch, capsys):
     with pytest.raises(SystemExit) as done:
         cli.main(["train", "--help"])
     assert done.value.code == 0 and "--time-budget" in capsys.readouterr().out
+
+
+# --- distributed search (KerasTuner chief/worker) -----------------------------------------
+
+
+def test_role_from_kerastuner_environment():
+    from keras_newton.tuning.distributed import role
+
+    assert role({}).kind == "single" and role({}).tuner_id == "tuner0"
+    env = {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": "8000"}
+    chief = role({**env, "KERASTUNER_TUNER_ID": "chief"})
+    assert (chief.kind, chief.address) == ("chief", "127.0.0.1:8000")
+    assert role({**env, "KERASTUNER_TUNER_ID": "tuner3"}).kind == "worker"
+    with pytest.raises(ValueError, match=r"KERASTUNER_TUNER_ID is not. Received: "):
+        role(env)
+    with pytest.raises(ValueError, match=r"Received: KERASTUNER_ORACLE_PORT='http'"):
+        role({**env, "KERASTUNER_ORACLE_PORT": "http", "KERASTUNER_TUNER_ID": "chief"})
+
+
+def test_worker_never_deletes_a_search(tmp_path):
+    from keras_newton.tuning.search import _join_directory, _prepare_directory
+
+    directory = tmp_path / "s"
+    _join_directory(directory, {"epochs": 1})  # a worker's own new directory
+    assert json.loads((directory / "search.json").read_text()) == {"epochs": 1}
+    _join_directory(directory, {"epochs": 1})  # the chief's (shared) directory
+    with pytest.raises(ValueError, match=r"other settings \(epochs\); a worker never deletes"):
+        _join_directory(directory, {"epochs": 2})
+    assert _prepare_directory(directory, {"epochs": 1}, overwrite=False) is True
+
+
+def test_a_chief_resumes_a_single_process_search_and_back(tmp_path):
+    """KerasTuner reloads the oracle only when ``<tuner id>.json`` exists."""
+    from keras_newton.tuning.search import _adopt_oracle_state
+
+    project = tmp_path / "search"
+    project.mkdir()
+    _adopt_oracle_state(tmp_path, "chief")
+    assert not (project / "chief.json").exists()  # a new search: nothing to reload
+    (project / "oracle.json").write_text("{}")
+    (project / "tuner0.json").write_text('{"x": 1}')
+    _adopt_oracle_state(tmp_path, "chief")
+    _adopt_oracle_state(tmp_path, "tuner0")
+    assert (project / "chief.json").read_text() == "{}"
+    assert (project / "tuner0.json").read_text() == '{"x": 1}'  # left as it was
+
+
+class _Oracle:
+    """A KerasTuner random-search oracle behind the chief's servicer, with a fake clock."""
+
+    def __init__(self, tmp_path, max_trials=3, retries=1, max_failures=3, timeout=10):
+        from keras_tuner.src import protos
+
+        from keras_newton.tuning.distributed import ChiefServicer
+
+        hp = keras_tuner.HyperParameters()
+        hp.Float("lr", 0.01, 0.3, sampling="log")
+        self.oracle = keras_tuner.oracles.RandomSearchOracle(
+            objective=keras_tuner.Objective("val_accuracy", "max"), max_trials=max_trials,
+            hyperparameters=hp, seed=1, max_retries_per_trial=retries,
+            max_consecutive_failed_trials=max_failures)
+        self.oracle._set_project_dir(str(tmp_path), "search")
+        self.oracle.verbose = 0
+        self.now = 0.0
+        self.servicer = ChiefServicer(self.oracle, timeout, clock=lambda: self.now)
+        self.service = protos.get_service()
+
+    def create(self, tuner_id):
+        response = self.servicer.CreateTrial(
+            self.service.CreateTrialRequest(tuner_id=tuner_id), None)
+        trial = keras_tuner.engine.trial.Trial.from_proto(response.trial)
+        return trial.status, trial.trial_id
+
+    def beat(self, trial_id):
+        self.servicer.GetTrial(self.service.GetTrialRequest(trial_id=trial_id), None)
+
+    def finish(self, trial_id, score=0.5):
+        self.servicer.UpdateTrial(self.service.UpdateTrialRequest(
+            trial_id=trial_id, metrics={"val_accuracy": score}), None)
+        trial = self.oracle.get_trial(trial_id)
+        done = keras_tuner.engine.trial.Trial(trial.hyperparameters, trial_id, "COMPLETED")
+        self.servicer.EndTrial(self.service.EndTrialRequest(trial=done.to_proto()), None)
+
+    def status(self, trial_id):
+        return self.oracle.trials[trial_id].status
+
+
+def test_chief_retries_the_trial_of_a_lost_worker(tmp_path):
+    """tuner1 goes silent mid-trial: after the timeout its trial is queued for a retry
+    and tuner0 reruns it; tuner1's late result is then ignored; the chief finishes."""
+    from keras_newton.tuning.distributed import search_is_over, tidy_retry_queue
+
+    chief = _Oracle(tmp_path, max_trials=3, retries=1)
+    assert chief.create("tuner0") == ("RUNNING", "0")
+    assert chief.create("tuner1") == ("RUNNING", "1")
+    chief.now = 5
+    chief.beat("1")  # tuner1's heartbeat
+    assert chief.create("tuner1") == ("RUNNING", "1")  # a restarted tuner1 gets its trial back
+    chief.finish("0")
+    chief.now = 12
+    assert chief.create("tuner0") == ("RUNNING", "2")
+    chief.servicer.check_workers()
+    assert chief.servicer.lost == []  # tuner1 was heard from 7 s ago
+    chief.now = 16
+    chief.beat("2")
+    chief.servicer.check_workers()  # tuner1: 11 s of silence > 10 s
+    assert chief.servicer.lost == [{"tuner_id": "tuner1", "trial": "1", "outcome": "retry"}]
+    assert chief.status("1") == "INVALID" and "tuner1" not in chief.oracle.tuner_ids
+    chief.finish("2")
+    assert chief.create("tuner0") == ("RUNNING", "1")  # the retry
+    assert not chief.servicer.finished()
+    chief.finish("1", score=0.7)
+    chief.finish("1", score=0.1)  # tuner1 comes back late: ignored
+    assert chief.oracle.trials["1"].score == pytest.approx(0.7)
+    assert chief.create("tuner0")[0] == "STOPPED"
+    assert chief.servicer.finished()
+    assert [chief.status(t) for t in "012"] == ["COMPLETED"] * 3
+    assert chief.servicer.ended == ["0", "2", "1"]
+    # The saved oracle holds no running trial (a resumed chief would rerun it) ...
+    assert json.loads((tmp_path / "search" / "oracle.json").read_text())["ongoing_trials"] == {}
+    # ... and a chief resuming a directory where one was left drops it.
+    chief.oracle._retry_queue = ["1"]
+    tidy_retry_queue(chief.oracle)
+    assert chief.oracle._retry_queue == [] and search_is_over(chief.oracle)
+
+
+def test_chief_marks_a_lost_trial_failed_without_retries(tmp_path):
+    chief = _Oracle(tmp_path, max_trials=2, retries=0, max_failures=2)
+    assert chief.create("tuner0") == ("RUNNING", "0")
+    assert chief.create("tuner1") == ("RUNNING", "1")
+    chief.finish("0")
+    assert chief.create("tuner0")[0] == "STOPPED"  # no retries: nothing to wait for
+    assert not chief.servicer.finished()  # tuner1's trial still runs
+    chief.now = 11
+    chief.servicer.check_workers()
+    assert chief.servicer.lost == [{"tuner_id": "tuner1", "trial": "1", "outcome": "FAILED"}]
+    assert chief.servicer.finished() and chief.servicer.fatal is None
+    chief.finish("1")  # a late result of a FAILED trial is ignored
+    assert chief.status("1") == "FAILED"
+
+
+def test_chief_waits_for_a_possible_retry_then_stops_on_failures(tmp_path):
+    chief = _Oracle(tmp_path, max_trials=2, retries=1, max_failures=1)
+    chief.create("tuner0"), chief.create("tuner1")
+    chief.finish("0")
+    assert chief.create("tuner0")[0] == "IDLE"  # trial 1 may come back for a retry
+    chief.now = 11
+    chief.beat("1")
+    chief.servicer.check_workers()  # tuner0 keeps asking (IDLE) in real life: drop it too
+    assert [x["tuner_id"] for x in chief.servicer.lost] == ["tuner0"]
+    chief.now = 30
+    chief.servicer.check_workers()
+    assert chief.servicer.lost[-1] == {"tuner_id": "tuner1", "trial": "1", "outcome": "retry"}
+    assert chief.create("tuner0") == ("RUNNING", "1")
+    chief.now = 50
+    chief.servicer.check_workers()  # lost again: no retry left, 1 failure stops the search
+    assert chief.status("1") == "FAILED"
+    assert "consecutive failures exceeded the limit of 1" in chief.servicer.fatal
+    assert chief.create("tuner1")[0] == "STOPPED" and chief.servicer.finished()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(tuner_id, port, argv, log, code=None):
+    """Starts `keras-newton tune` (or ``code``) as ``tuner_id`` on 127.0.0.1:``port``."""
+    env = {**os.environ, "KERASTUNER_TUNER_ID": tuner_id, "KERASTUNER_ORACLE_IP": "127.0.0.1",
+           "KERASTUNER_ORACLE_PORT": str(port), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    command = [sys.executable, "-m", "keras_newton.tuning.cli", *argv] if code is None \
+        else [sys.executable, "-c", code, *argv]
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                            start_new_session=True)
+
+
+def _wait_all(processes, deadline):
+    for process in processes:
+        process.wait(timeout=max(1, deadline - time.monotonic()))
+
+
+def _stop_all(processes):
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
+def _tune_argv(images, directory, max_trials, final_epochs, *extra):
+    return ["--family", "newton_cgnet", "--dataset", "folder", "--data", str(images),
+            "--tuner", "random", "--max-trials", str(max_trials), "--epochs", "1",
+            "--val-size", "60", "--blocks", "1", "--width-multiplier", "0.5",
+            "--batch-size", "16,32", "--directory", str(directory), "--distribute", "none",
+            "--verbose", "0", "--final-epochs", str(final_epochs), *extra]
+
+
+def _records(directory):
+    return {p.parent.name.removeprefix("trial_"): json.loads(p.read_text())
+            for p in sorted((Path(directory) / "search").glob("trial_*/record.json"))}
+
+
+def _ran(log_text):
+    """The trial ids a worker says it ran."""
+    found = re.search(r"ran trial\(s\) \[(.*?)\]", log_text)
+    assert found, log_text[-3000:]
+    return re.findall(r"'(\d+)'", found.group(1))
+
+
+# The bound on a whole distributed test, processes killed after it: they take 2-5 min on
+# 2 CPU cores shared with other jobs, well under a minute on a free 8-core machine.
+DISTRIBUTED_TIMEOUT = 540
+
+
+MIRRORED_WORKER = """
+import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+from keras_newton.tuning import cli
+sys.exit(cli.main([*sys.argv[1:], "--distribute", "mirrored"]))
+"""
+
+
+@pytest.mark.slow
+def test_chief_and_two_workers_on_loopback(images, tmp_path):
+    """`keras-newton tune` unchanged as chief + 2 workers (127.0.0.1), tuner1 under a
+    MirroredStrategy over 2 (logical CPU) devices: 3 trials of 1 epoch, each run once;
+    the chief writes the table, plot and best model; a rerun of the chief finds the
+    search over and reports it again without a worker."""
+    directory, port = tmp_path / "search", _free_port()
+    argv = _tune_argv(images, directory, 3, 1, "--worker-timeout", "30")
+    names = ("chief", "tuner0", "tuner1")
+    mirrored = keras.backend.backend() == "tensorflow"
+    processes, deadline = [], time.monotonic() + DISTRIBUTED_TIMEOUT
+    try:
+        for name in names:
+            with open(tmp_path / f"{name}.log", "w") as log:
+                code = MIRRORED_WORKER if name == "tuner1" and mirrored else None
+                processes.append(_start(name, port, argv, log, code=code))
+        _wait_all(processes, deadline)
+    finally:
+        _stop_all(processes)
+    out = {name: (tmp_path / f"{name}.log").read_text() for name in names}
+    for name, process in zip(names, processes, strict=True):
+        assert process.returncode == 0, f"{name}:\n{out[name][-3000:]}"
+
+    rows = read_table(directory / "results.csv")
+    assert [r["trial"] for r in rows] == [0, 1, 2]
+    assert all(r["status"] == "COMPLETED" and 0 <= r["val_accuracy"] <= 1 for r in rows)
+    assert all(r["seconds"] > 0 and r["params"] > 1000 for r in rows)
+    # Every trial ran once, on a worker; both workers ran some.
+    ran = {name: _ran(out[name]) for name in ("tuner0", "tuner1")}
+    assert sorted(ran["tuner0"] + ran["tuner1"]) == ["0", "1", "2"]
+    assert ran["tuner0"] and ran["tuner1"]
+    assert {k: v["tuner_id"] for k, v in _records(directory).items()} == {
+        trial: name for name in ("tuner0", "tuner1") for trial in ran[name]}
+    summary = json.loads((directory / "summary.json").read_text())
+    assert summary["role"] == "chief" and summary["workers_lost"] == []
+    assert sorted(summary["trials_run"]) == ["0", "1", "2"]
+    assert summary["trials_completed"] == 3 and summary["final_val_accuracy"] is not None
+    assert (directory / "results.png").stat().st_size > 10_000
+    assert keras.saving.load_model(directory / "best_model.keras").count_params() == \
+        next(r["params"] for r in rows if r["trial"] == summary["best_trial"])
+    assert "best trial" in out["chief"] and "the chief writes the results" in out["tuner0"]
+    assert "Worker tuner0 (none, 1 replica(s))" in out["tuner0"]
+    if mirrored:
+        assert "Worker tuner1 (mirrored, 2 replica(s))" in out["tuner1"]
+
+    # Resume: the chief alone finds nothing left to run and writes the same table.
+    with open(tmp_path / "chief2.log", "w") as log:
+        chief = _start("chief", _free_port(), _tune_argv(images, directory, 3, 0), log)
+    try:
+        chief.wait(timeout=max(1, deadline - time.monotonic()))
+    finally:
+        _stop_all([chief])
+    again = (tmp_path / "chief2.log").read_text()
+    assert chief.returncode == 0, again[-3000:]
+    assert "Resuming the search" in again and "the search is over" in again
+    assert read_table(directory / "results.csv") == rows
+    assert json.loads((directory / "summary.json").read_text())["trials_run"] == []
+
+
+VICTIM = """
+import sys, time
+import keras
+from keras_newton.tuning import cli
+
+module = sys.modules["keras_newton.tuning.search"]  # the package's `search` hides it
+
+class Slow(keras.callbacks.Callback):
+    def on_train_batch_begin(self, batch, logs=None):
+        print("IN TRIAL", flush=True)  # the test kills this process now
+        time.sleep(0.5)
+
+search = module.search
+module.search = lambda **kwargs: search(**kwargs, callbacks=[Slow()])
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_killed_worker_does_not_lose_the_search(images, tmp_path):
+    """tuner0 is killed (SIGKILL) inside its trial; tuner1 goes on. After
+    --worker-timeout the chief gives tuner0's trial up; with --max-retries 1 tuner1
+    reruns it; both trials complete and the chief writes the report."""
+    directory, port = tmp_path / "search", _free_port()
+    argv = _tune_argv(images, directory, 2, 0, "--worker-timeout", "15", "--max-retries", "1")
+    names = ("chief", "tuner0", "tuner1")
+    processes = []
+    deadline = time.monotonic() + DISTRIBUTED_TIMEOUT
+    try:
+        for name in names:
+            with open(tmp_path / f"{name}.log", "w") as log:
+                processes.append(_start(name, port, argv, log,
+                                        code=VICTIM if name == "tuner0" else None))
+        victim = processes[1]
+        while "IN TRIAL" not in (tmp_path / "tuner0.log").read_text():
+            assert victim.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "tuner0.log").read_text()[-3000:]
+            time.sleep(0.2)
+        os.killpg(victim.pid, signal.SIGKILL)
+        _wait_all(processes, deadline)
+    finally:
+        _stop_all(processes)
+    out = {name: (tmp_path / f"{name}.log").read_text() for name in names}
+    assert processes[1].returncode == -signal.SIGKILL
+    for name in ("chief", "tuner1"):
+        process = processes[names.index(name)]
+        assert process.returncode == 0, f"{name}:\n{out[name][-3000:]}"
+
+    summary = json.loads((directory / "summary.json").read_text())
+    [lost] = summary["workers_lost"]
+    assert lost["tuner_id"] == "tuner0" and lost["outcome"] == "retry"
+    assert "Worker tuner0 lost" in out["chief"] and "queued for a retry" in out["chief"]
+    rows = read_table(directory / "results.csv")
+    assert [(r["trial"], r["status"]) for r in rows] == [(0, "COMPLETED"), (1, "COMPLETED")]
+    assert sorted(_ran(out["tuner1"])) == ["0", "1"]  # its own trial and the lost one
+    assert {v["tuner_id"] for v in _records(directory).values()} == {"tuner1"}
+    assert summary["trials_completed"] == 2 and summary["best_model"] is None

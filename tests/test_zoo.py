@@ -163,6 +163,67 @@ def test_bad_weights_arguments(fake_entry, kwargs, match):
         kn.NewtonCGNet10(**kwargs)
 
 
+def test_registered_file_is_checked_like_its_tag(fake_entry, tmp_path):
+    """A weights file whose sha256 is an entry's is that entry, wherever it lies."""
+    model, path = fake_entry
+    copy = tmp_path / "elsewhere" / "mine.weights.h5"
+    copy.parent.mkdir()
+    copy.write_bytes(path.read_bytes())
+    info = zoo.resolve_weights("newton_cgnet10", copy)  # os.PathLike is fine
+    assert (info["key"], info["tag"], info["path"]) == ("newton_cgnet10.test", "test", str(copy))
+    assert info["entry"] is zoo.REGISTRY["newton_cgnet10.test"]
+    with pytest.raises(ValueError, match="newton_cgnet10.test have 10 classes.*classes=100"):
+        kn.NewtonCGNet10(weights=str(copy), classes=100)
+    with pytest.raises(ValueError, match="classifier_activation='sigmoid'"):
+        kn.NewtonCGNet10(weights=str(copy), classifier_activation="sigmoid")
+    x = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(kn.NewtonCGNet10(weights=copy, classes=np.int64(10))(x)),
+        keras.ops.convert_to_numpy(model(x)), rtol=1e-6, atol=1e-6)
+    # evaluate finds the entry's preprocessing (no preprocessing.json next to the copy)
+    from keras_newton.commands.evaluate import preprocessing_for
+
+    assert preprocessing_for("newton_cgnet10", str(copy)) == \
+        zoo.REGISTRY["newton_cgnet10.test"]["preprocessing"]
+    # an unregistered file stays a plain file
+    fresh = kn.NewtonCGNet10()
+    fresh.save_weights(tmp_path / "other.weights.h5")
+    other = zoo.resolve_weights("newton_cgnet10", tmp_path / "other.weights.h5")
+    assert other["entry"] is None and other["key"] is None
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(kn.NewtonCGNet10(weights=tmp_path / "other.weights.h5")(x)),
+        keras.ops.convert_to_numpy(fresh(x)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"weights": "test", "input_shape": (32, 32, 1)},
+     r"3 channels.*Received: weights='test', input_shape=\(32, 32, 1\)"),
+    ({"weights": "test", "input_shape": (4, 32, 32), "data_format": "channels_first"},
+     r"3 channels.*input_shape=\(4, 32, 32\)"),
+    ({"weights": "test", "include_top": False, "input_shape": (32, 32, 1)}, "3 channels"),
+    ({"weights": "missing/file.weights.h5"},
+     r"No such weights file\. Available for newton_cgnet10: \[.*'test'.*"
+     r"Received: weights='missing/file.weights.h5'$"),
+    ({"weights": "."}, r"must be a file, not a folder\. Received: weights='\.'"),
+    ({"weights": 3}, r"Received: weights=3$"),
+    ({"weights": "test", "classes": np.float64(10)}, r"Received: classes=np\.float64"),
+])
+def test_weights_errors(fake_entry, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        kn.NewtonCGNet10(**kwargs)
+
+
+def test_weights_key_and_numpy_classes(fake_entry):
+    model, _ = fake_entry
+    x = np.random.default_rng(2).normal(size=(1, 32, 32, 3)).astype("float32")
+    for weights in ("test", "newton_cgnet10.test"):
+        loaded = kn.NewtonCGNet10(weights=weights, classes=np.int64(10))
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)),
+                                   keras.ops.convert_to_numpy(model(x)), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"exist only for the named.*Received: weights='test'"):
+        kn.newton_cgnet((1, 1, 2), width_multiplier=0.5, weights="test")
+
+
 def test_preprocess_and_decode(fake_entry):
     x = np.full((1, 2, 2, 3), 128, dtype="uint8")
     out = zoo.preprocess_input(x, "newton_cgnet10", "test")
@@ -223,7 +284,7 @@ def test_zoo_add_registers_a_time_budgeted_run(tmp_path, monkeypatch, capsys):
     add = ["zoo", "add", "--run", str(run), "--tag", "tiny", "--commit", "abc1234",
            "--dataset-label", "tiny folder"]
     assert cli.main(add) == 2
-    assert "The data source does not exist" in capsys.readouterr().err
+    assert "Pass --data, the run's source" in capsys.readouterr().err
     other = tmp_path / "other"
     make_image_tree(other, per_class={"train": 11})
     assert cli.main([*add, "--data", str(other)]) == 2

@@ -11,11 +11,12 @@
 #   then run with carry [".whl", ".data"] (timeout 540 s; the three tars and logs are 6 files):
 #   bash zoo/gpu_train.sh
 # It writes to $OUT (default out/gpu) one tar per model: the run folder (best weights,
-# config, preprocessing, history, curves, summary) without backup/, logs/ and model.keras.
+# config, preprocessing, history, curves, summary, state, legs) without backup/, logs/,
+# model.keras and the last epoch's weights.
 # Here: `tar -C runs -xf newton_cgnet82.tar && keras-newton zoo add --run
 # runs/newton_cgnet82 --tag cifar10 --data ../shared/datasets/cifar10-jpeg/train.tar.xz`
-# (evaluates and registers it; --data because the run's config has the GPU machine's
-# path, and it must be the same archive: checked by sha256). A run stopped by its time
+# (evaluates and registers it; --data because the run's config names the archive by file
+# name and sha256 only, and it must be the same archive: checked). A run stopped by its time
 # limit has no summary.json: rerun it with more time, or fewer epochs.
 #
 # The models train at the same time on the one GPU (one run at batch 128 leaves it mostly
@@ -36,6 +37,25 @@
 # Tested on CPU (tests/test_training.py::test_gpu_script_without_tensorflow) with
 # TensorFlow hidden, DEPTHS="10 16" (2 and 4 epochs, WARMUP_16=1), on a small archive; run
 # on an H200 on 2026-11-28 in its earlier, one-model-after-the-other form (README, "GPU").
+#
+# CONTINUE=<run> (a folder name in zoo/in_progress, or a path): continues that committed
+# run instead (the GPU leg of zoo/in_progress/README.md), one model on the GPU, with the
+# data on the device (`--on-device`: augmentation and normalisation in the compiled step,
+# STEPS_PER_EXECUTION steps per call in a loop, default 64: 39 for CIFAR's 351 steps; not
+# yet measured on a GPU: if the log's epoch times are slow, try 1, no loop), bf16, for
+# SECONDS_RUN of wall time (default 500; it pauses MARGIN s before, default 45, after the
+# last epoch that fits: `--stop-after`), or until the run ends. It checks the folder's
+# SHA256SUMS, trains a copy in $RUNS with `keras-newton train --resume` (the settings of
+# its config.json; EXTRA_ARGS adds flags) and writes to $OUT: <run>.tar (the light state
+# without weights: config, state, history, best.json, curves, legs, summary when the run
+# ended, SHA256SUMS), <run>.last.weights.h5 and, when the best epoch is not the last,
+# <run>.best.weights.h5 (each < 16 MB; no optimizer state), and <run>.log. Back here, with
+# F the folder the files came back to (then commit zoo/in_progress/<run>):
+#   rm -rf zoo/in_progress/<run> && tar -C zoo/in_progress -xf F/<run>.tar \
+#     && for f in F/<run>.*.weights.h5; do cp "$f" "zoo/in_progress/<run>/${f##*/<run>.}"; done \
+#     && (cd zoo/in_progress/<run> && sha256sum -c SHA256SUMS)
+# Tested on CPU (tests/test_training.py::test_gpu_script_continues_a_run): a run created
+# with `keras-newton train --config-only`, paused after epoch 1, restored as above, ended.
 set -uo pipefail
 
 DEPTHS=${DEPTHS:-10 56 82}
@@ -61,6 +81,34 @@ python3 -c "import sys; from keras_newton.data import load_dataset
 print(len(load_dataset('cifar10', data=sys.argv[1])), 'training images')" "$DATA" || exit 1
 
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # the runs share the GPU's memory
+
+continue_run() {  # CONTINUE mode: the committed run $1, its light state back to $OUT
+  local src=$1 start=$SECONDS seconds=${SECONDS_RUN:-500} margin=${MARGIN:-45}
+  [ -d "$src" ] || src=zoo/in_progress/$1
+  local name
+  name=$(basename "$src")
+  [ -f "$src/config.json" ] || { echo "gpu_train.sh: no run (config.json) in $src" >&2; return 2; }
+  if [ -f "$src/SHA256SUMS" ]; then
+    (cd "$src" && sha256sum -c --quiet SHA256SUMS) || { echo "gpu_train.sh: $src does not match its SHA256SUMS" >&2; return 2; }
+  fi
+  rm -rf "${RUNS:?}/$name" "$RUNS/snapshot/$name" && cp -r "$src" "$RUNS/$name" || return 2
+  echo "== $name: continued for at most $seconds s (pause after $((seconds - margin)) s)"
+  timeout "$seconds" python3 -m keras_newton train --resume --out "$RUNS/$name" --data "$DATA" \
+    --mixed-precision --on-device --steps-per-execution "${STEPS_PER_EXECUTION:-64}" \
+    --stop-after "$((seconds - margin))" --no-test --distribute none --verbose 2 \
+    ${EXTRA_ARGS:-} > "$OUT/$name.log" 2>&1
+  local code=$?
+  echo "== $name: exit $code after $((SECONDS - start)) s"; tail -n 8 "$OUT/$name.log"
+  python3 -m keras_newton zoo snapshot --run "$RUNS/$name" --to "$RUNS/snapshot/$name" || return 1
+  tar -C "$RUNS/snapshot" -cf "$OUT/$name.tar" --exclude='*.weights.h5' "$name" || return 1
+  for f in "$RUNS/snapshot/$name"/*.weights.h5; do cp "$f" "$OUT/$name.$(basename "$f")"; done
+  ls -la "$OUT"
+  return $code
+}
+if [ -n "${CONTINUE:-}" ]; then
+  continue_run "$CONTINUE"
+  exit $?
+fi
 train() {  # model depth: trains, then writes $OUT/<model>.tar
   local model=$1 depth=$2 start=$SECONDS
   local epochs_var=EPOCHS_$depth seconds_var=SECONDS_$depth warmup_var=WARMUP_$depth
@@ -86,7 +134,7 @@ with h5py.File(sys.argv[1]) as src, h5py.File(sys.argv[2], 'w') as dst:
     mv "$RUNS/$model/best.weights.small" "$RUNS/$model/best.weights.h5"
   fi
   [ -d "$RUNS/$model" ] && tar -C "$RUNS" -cf "$OUT/$model.tar" --exclude=backup \
-    --exclude=logs --exclude=model.keras "$model"
+    --exclude=logs --exclude=model.keras --exclude=last.weights.h5 "$model"
   return $code
 }
 

@@ -1,5 +1,7 @@
 """``keras-newton models``: every registered builder with depth and parameter counts."""
 
+import re
+
 HELP = "List every model builder with its depth, parameter count and the paper's count."
 
 
@@ -18,8 +20,8 @@ def model_table(forward=False):
     rng = np.random.default_rng(0)
     for name, builder in models.MODELS.items():
         model = builder()
-        digits = "".join(ch for ch in name if ch.isdigit())
-        depth = int(digits) if digits else None
+        digits = re.search(r"\d+", name)  # the first number: quasi_newton56_m2 -> 56
+        depth = int(digits.group()) if digits else None
         shape = None
         if forward:
             if "int" in str(model.inputs[0].dtype):  # text models read character ids

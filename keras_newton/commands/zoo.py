@@ -1,6 +1,8 @@
-"""``keras-newton zoo``: list, add a training run to the registry, regenerate model cards."""
+"""``keras-newton zoo``: list, add a training run to the registry, regenerate model cards,
+snapshot a run's light state (to commit it, or to bring it back from another machine)."""
 
-HELP = "Pretrained weights: list entries, add a finished training run, write model cards."
+HELP = ("Pretrained weights: list entries, add a finished training run, write model cards, "
+        "snapshot a run in progress.")
 
 
 def add_arguments(parser):
@@ -12,9 +14,17 @@ def add_arguments(parser):
     add.add_argument("--tag", required=True, help="e.g. cifar10")
     add.add_argument("--dataset-label", default="CIFAR-10 (JPEG-75 re-encoding)")
     add.add_argument("--commit", help="commit the run started at (default: HEAD)")
-    add.add_argument("--data", help="the run's training source, where it is now (default: "
-                                    "the path in its config.json; checked by content)")
+    add.add_argument("--data", help="the run's training source, where it is now (checked by "
+                                    "content; needed when its config.json names the source "
+                                    "by file name, as runs do since 2026-12-03)")
     add.add_argument("--notes", default="")
+    snap = sub.add_parser(
+        "snapshot", help="copy a run's light state (last weights without the optimizer's "
+                         "momentum, schedule position, history, best weights, config) with "
+                         "SHA256SUMS into a folder, e.g. zoo/in_progress/NAME, to commit it")
+    snap.add_argument("--run", required=True, help="the run's --out folder")
+    snap.add_argument("--to", required=True, help="the folder to write (light-state files in it "
+                                                  "are replaced)")
 
 
 def write_cards():
@@ -37,21 +47,88 @@ def golden_logits(arch, tag):
     return [round(float(v), 6) for v in keras.ops.convert_to_numpy(model(x)).ravel()[:10]]
 
 
-def _trained_with(summary):
-    """E.g. 'jax, bf16 mixed precision, time budget 310 s (12.3 s per epoch)'."""
+def _legs_text(legs, epochs):
+    """The calls of a run that changed machine or resumed without momentum, in words; ''
+    for a run of one kind of call that never resumed from a light state."""
+    kept = []
+    for leg in legs:  # a call killed before its first epoch was run again
+        if kept and kept[-1]["first_epoch"] == leg["first_epoch"]:
+            kept.pop()
+        kept.append(leg)
+
+    def kind(leg):
+        return (f"{leg['backend']} {'bf16' if leg['mixed_precision'] else 'float32'} on "
+                f"{leg['device']}" + (", data on the device" if leg.get("on_device") else ""))
+
+    light = [leg["first_epoch"] for leg in kept if leg["resumed_from"] == "light"]
+    if len({kind(leg) for leg in kept}) <= 1 and not light:
+        return ""
+    spans = []
+    for i, leg in enumerate(kept):
+        last = kept[i + 1]["first_epoch"] - 1 if i + 1 < len(kept) else epochs
+        if spans and spans[-1][0] == kind(leg):
+            spans[-1][2] = last
+        else:
+            spans.append([kind(leg), leg["first_epoch"], last])
+    text = "; ".join(f"{k} (epochs {a}-{b})" for k, a, b in spans)
+    if light:
+        text += ("; resumed at epoch" + ("s " if len(light) > 1 else " ")
+                 + ", ".join(map(str, light)) + " from the last epoch's weights and schedule "
+                 "position without the optimizer's momentum (SGD rebuilt it from zero)")
+    return text
+
+
+def _trained_with(summary, data=None):
+    """E.g. 'jax, bf16 mixed precision, time budget 310 s (12.3 s per epoch)', then the legs
+    of a run trained across machines, then the data source by name and sha256."""
     parts = [summary.get("backend", "tensorflow"),
              "bf16 mixed precision" if summary.get("mixed_precision") else "float32"]
     if summary.get("time_budget"):
         parts.append(f"time budget {summary['time_budget']:g} s")
-    return ", ".join(parts) + f" ({summary['seconds_per_epoch']:.1f} s per epoch)"
+    text = ", ".join(parts) + f" ({summary['seconds_per_epoch']:.1f} s per epoch)"
+    legs = _legs_text(summary.get("legs") or [], summary["epochs"])
+    if legs:
+        text = f"{legs}; last call: {text}"
+    if data:
+        text += "; data " + ", ".join(f"{k} `{v}`" for k, v in data.items())
+    return text
+
+
+def portable_data(data, repo=None):
+    """The ``--data`` of a recorded command: the source's path relative to the repository
+    when it lies beside it (``../shared/datasets/...``), else ``PATH/<file name>``."""
+    import os
+    from pathlib import Path
+
+    repo = Path(repo) if repo is not None else Path(__file__).resolve().parents[2]
+    source = Path(data).resolve()
+    if source.is_relative_to(repo.parent):
+        return os.path.relpath(source, repo)
+    return f"PATH/{source.name}"
+
+
+def data_record(config):
+    """``{"file", "sha256"}`` (``"fingerprint"`` for a folder) of the run's source."""
+    kind, _, digest = (config.get("data_key") or "").partition("-")
+    name = (config.get("data") or "").replace("\\", "/").rsplit("/", 1)[-1] or None
+    return {"file": name, "sha256" if kind == "sha256" else "fingerprint": digest}
 
 
 def _run_source(config, data):
-    """The run's local source: ``data`` (it must hold the same content) or the config's."""
+    """The run's local source: ``data`` (it must hold the same content) or the config's
+    path (runs from before 2026-12-03 recorded one; later ones its file name only)."""
+    from pathlib import Path
+
     from keras_newton.data.image_folder import check_source, source_key
 
     if data is None:
-        return config["data"]
+        if config.get("data") and Path(config["data"]).is_absolute():
+            return config["data"]
+        record = data_record(config)
+        raise ValueError(
+            "Pass --data, the run's source: its config.json names it by file name and "
+            "content only (" + ", ".join(f"{k} {v}" for k, v in record.items())
+            + "). Received: data=None")
     data = check_source(data)
     if config.get("data_key") and source_key(data) != config["data_key"]:
         raise ValueError(f"`--data` is not the source this run was trained on (its content "
@@ -69,16 +146,29 @@ def add(args):
     from keras_newton import models, zoo
     from keras_newton.commands.evaluate import evaluate_model, load_split
     from keras_newton.data import load_dataset
+    from keras_newton.files import read_json
+    from keras_newton.training.cli import command_from_config
+    from keras_newton.training.light_state import LAST_WEIGHTS
 
     run = Path(args.run)
-    config = json.loads((run / "config.json").read_text())
-    summary = json.loads((run / "summary.json").read_text())
-    prep = json.loads((run / "preprocessing.json").read_text())
+    if not run.is_dir():
+        raise ValueError(f"`--run` must be the --out folder of a `keras-newton train` run. "
+                         f"Received: run={args.run!r}")
+    config = read_json(run / "config.json", "run's config")
+    summary = read_json(run / "summary.json", "run's summary")
+    prep = read_json(run / "preprocessing.json", "run's preprocessing card")
     arch = models.canonical_name(config["model"])
     key = f"{arch}.{args.tag}"
     zoo.REPO_ZOO.mkdir(exist_ok=True)
     target = zoo.REPO_ZOO / f"{key}.weights.h5"
-    zoo.strip_optimizer(run / "best.weights.h5", target)
+    best = run / "best.weights.h5"
+    if not best.exists() and (run / LAST_WEIGHTS).exists():
+        best = run / LAST_WEIGHTS  # a light state leaves them out when best = last epoch
+    try:
+        zoo.strip_optimizer(best, target)
+    except OSError as e:  # h5py: missing, truncated or not HDF5
+        raise ValueError(f"Could not read the run's weights {str(best)!r} ({e}); expected the "
+                         "`.weights.h5` file `keras-newton train` writes.") from e
     for name, suffix in (("history.csv", "history.csv"), ("curves.png", "curves.png")):
         shutil.copyfile(run / name, zoo.REPO_ZOO / f"{key}.{suffix}")
     data = _run_source(config, args.data)
@@ -102,8 +192,11 @@ def add(args):
                                               strict=True))},
         "eval": {"split": "val", "val_size": config["val_size"], "seed": config["seed"]},
         "epochs": summary["epochs"],  # trained; a time budget may stop before --epochs
-        "recipe": {"command": summary.get("command") or "", "commit": commit,
-                   "trained_with": _trained_with(summary), "notes": args.notes},
+        "recipe": {"command": command_from_config(config, portable_data(data),
+                                                  out=f"runs/{run.resolve().name}"),
+                   "data": data_record(config), "commit": commit,
+                   "trained_with": _trained_with(summary, data_record(config)),
+                   "notes": args.notes},
         "preprocessing": {"mean": prep["mean"], "std": prep["std"]},
         "class_names": class_names,
         "date": datetime.date.today().isoformat(),
@@ -121,11 +214,31 @@ def add(args):
     return 0
 
 
+def snapshot(args):
+    from pathlib import Path
+
+    from keras_newton.training.light_state import read_state
+    from keras_newton.training.light_state import snapshot as write_snapshot
+
+    names = write_snapshot(args.run, args.to)
+    state = read_state(args.to)
+    to = Path(args.to)
+    print(f"light state of {args.run} after epoch {state['epochs_done']} (step "
+          f"{state['iterations']}) written to {to}:")
+    for name in names:
+        print(f"  {name:20s} {(to / name).stat().st_size / 1e6:8.2f} MB")
+    print(f"check it with (cd {to} && sha256sum -c {names[-1]}); `keras-newton train --resume "
+          f"--out <a copy of it> --data ...` continues the run")
+    return 0
+
+
 def run(args):
     from keras_newton import zoo
 
     if args.action == "add":
         return add(args)
+    if args.action == "snapshot":
+        return snapshot(args)
     if args.action == "cards":
         write_cards()
         print(f"wrote {len(zoo.REGISTRY)} cards to {zoo.REPO_ZOO}")

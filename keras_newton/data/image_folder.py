@@ -1,4 +1,9 @@
-"""Offline image sources: a folder or a tar/zip archive of ``split/<class>/<image>`` files.
+"""Reading images: a folder or a tar/zip archive of ``split/<class>/<image>`` files, or one file.
+
+The one place where keras-newton reads image files (PIL, no TensorFlow): training and
+evaluation data (`load_image_source`), the sample for an export's parity check
+(`archive_sample`) and single images for ``predict`` (`load_image`). A missing, truncated
+or corrupt file is a ValueError naming it.
 
 A source is decoded once with PIL into uint8 arrays and cached under
 ``keras_newton_home() / "datasets"`` (default ``~/.keras/keras_newton/datasets``). The cache
@@ -7,6 +12,7 @@ key is the sha256 of the archive file, or for a folder the sha256 of its listing
 here makes a network call.
 """
 
+import contextlib
 import hashlib
 import io
 import json
@@ -106,6 +112,29 @@ def _iter_members(path):
     return _iter_tar(path)
 
 
+def _iter_images(path):
+    """`_iter_members` restricted to image files (no hidden files, no ``__MACOSX``)."""
+    for name, read in _iter_members(path):
+        base = PurePosixPath(name)
+        if name.lower().endswith(IMAGE_EXTENSIONS) and not base.name.startswith(".") and (
+            base.parts[0] != "__MACOSX"
+        ):
+            yield name, read
+
+
+@contextlib.contextmanager
+def _reading(display):
+    """Turns the errors of a truncated or corrupt archive into a ValueError naming it."""
+    try:
+        yield
+    except (tarfile.TarError, zipfile.BadZipFile, lzma.LZMAError, zlib.error, EOFError,
+            OSError) as e:
+        raise ValueError(
+            f"Could not read the archive ({type(e).__name__}: {e}); it may be truncated or "
+            f"corrupt. Received: data={display!r}"
+        ) from e
+
+
 def _decode(data, name, display, image_size):
     from PIL import Image, UnidentifiedImageError
 
@@ -154,24 +183,13 @@ def decode_source(path, image_size=None):
     path = check_source(path)
     display = str(path)
     images, keys = [], []
-    try:
-        for name, read in _iter_members(path):
-            base = PurePosixPath(name)
-            if not name.lower().endswith(IMAGE_EXTENSIONS) or base.name.startswith(".") or (
-                base.parts[0] == "__MACOSX"
-            ):
-                continue
+    with _reading(display):
+        for name, read in _iter_images(path):
             array = _decode(read(), name, display, image_size)
             if image_size is None:
                 image_size = array.shape[:2]
             images.append(array)
             keys.append(name)
-    except (tarfile.TarError, zipfile.BadZipFile, lzma.LZMAError, zlib.error, EOFError,
-            OSError) as e:
-        raise ValueError(
-            f"Could not read the archive ({type(e).__name__}: {e}); it may be truncated or "
-            f"corrupt. Received: data={display!r}"
-        ) from e
     if not images:
         raise ValueError(
             f"Found no images ({', '.join(IMAGE_EXTENSIONS)}) laid out as "
@@ -189,6 +207,72 @@ def decode_source(path, image_size=None):
             np.array([index[parts[keys[i]][1]] for i in idx], dtype=np.int32),
         )
     return splits, class_names
+
+
+def archive_sample(path, limit=1000, per_class=None):
+    """``(images uint8 [N, H, W, 3], labels, class_names)``: a few images of every class.
+
+    Reads a folder or tar/zip archive of ``split/<class>/<image>`` files as a stream
+    (nothing extracted, nothing cached) and keeps the first ``per_class`` images of every
+    class (default ``limit // 10``; in member order, then sorted by name), at most
+    ``limit`` in all; class names are the sorted folder names, as in training. Used for
+    the parity check of an export on real images.
+    """
+    path = check_source(path)
+    display = str(path)
+    per_class = per_class or max(1, limit // 10)
+    found = {}  # class -> [(name, bytes)]
+    with _reading(display):
+        for name, read in _iter_images(path):
+            parts = PurePosixPath(name).parts
+            bucket = found.setdefault(parts[-2], []) if len(parts) >= 2 else None
+            if bucket is not None and len(bucket) < per_class:
+                bucket.append((name, read()))
+    if not found:
+        raise ValueError(
+            f"Found no images ({', '.join(IMAGE_EXTENSIONS)}) laid out as "
+            f"split/<class>/<image>. Received: data={display!r}"
+        )
+    class_names = sorted(found)
+    images, labels = [], []
+    for label, class_name in enumerate(class_names):
+        for name, data in sorted(found[class_name]):
+            images.append(_decode(data, name, display, None))
+            labels.append(label)
+    shapes = {image.shape for image in images}
+    if len(shapes) > 1:
+        raise ValueError(f"All images must have one size; found {sorted(shapes)}. "
+                         f"Received: data={display!r}")
+    return np.stack(images)[:limit], np.asarray(labels)[:limit], class_names
+
+
+def load_image(path, size=None, resize=False):
+    """uint8 RGB array ``(H, W, 3)`` of one image file (PNG, JPEG, ...).
+
+    If ``size`` (``(H, W)``) is given and differs from the image, the image is resized
+    (bilinear) when ``resize`` is True, otherwise a ValueError is raised; so is a missing
+    file or one PIL cannot read.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Image file not found. Received: image={str(path)!r}")
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if size is not None and (image.height, image.width) != tuple(size):
+                if not resize:
+                    raise ValueError(
+                        f"Image is {image.height}x{image.width}, the model takes "
+                        f"{size[0]}x{size[1]}; pass --resize (resize=True) to resize it. "
+                        f"Received: image={str(path)!r}"
+                    )
+                image = image.resize((size[1], size[0]), Image.BILINEAR)
+            return np.asarray(image, dtype=np.uint8)
+    except (OSError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"Not a readable image ({type(e).__name__}: {e}). "
+                         f"Received: image={str(path)!r}") from e
 
 
 def _read_cache(entry):

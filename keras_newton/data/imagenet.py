@@ -16,6 +16,7 @@ import numpy as np
 
 from keras_newton.data.image_folder import IMAGE_EXTENSIONS
 from keras_newton.data.pipeline import balanced_subset
+from keras_newton.preprocessing import normalize
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -129,8 +130,6 @@ def imagenet_dataset(split="train", data=None, batch_size=256, training=None, se
                               or limit < 1):
         raise ValueError(f"`limit` must be a positive integer. Received: limit={limit!r}")
     ds, decode, count, class_names = _source(split, data, manual_dir, limit, seed)
-    mean = tf.constant(IMAGENET_MEAN, tf.float32)
-    std = tf.constant(IMAGENET_STD, tf.float32)
 
     def view(image, label):
         if training:
@@ -139,7 +138,8 @@ def imagenet_dataset(split="train", data=None, batch_size=256, training=None, se
         else:
             image = center_crop(image, image_size, round(image_size * RESIZE_SIZE / IMAGE_SIZE))
         image = tf.ensure_shape(tf.cast(image, tf.float32), (image_size, image_size, 3))
-        return (image - mean) / std, tf.cast(label, tf.int32)
+        image = normalize(image, IMAGENET_MEAN, IMAGENET_STD, "channels_last")
+        return image, tf.cast(label, tf.int32)
 
     if training:
         ds = ds.shuffle(min(count, 10_000), seed=seed, reshuffle_each_iteration=True)

@@ -9,53 +9,8 @@ model, so it cannot reach an exported graph.
 import keras
 import numpy as np
 
-
-def holdout_split(labels, val_size, seed=0):
-    """Splits indices into a training part and a fixed, seeded, class-balanced hold-out.
-
-    Each class gives ``val_size // num_classes`` images; the remainder goes to the
-    first classes (one more each). The result depends only on ``labels``, ``val_size``
-    and ``seed``.
-
-    Args:
-        labels: int array ``(n,)``.
-        val_size: number of held-out images, ``0 <= val_size < n``.
-        seed: int seed of the split.
-
-    Returns:
-        ``(train_indices, val_indices)``, each sorted.
-    """
-    labels = np.asarray(labels)
-    if isinstance(val_size, bool) or not isinstance(val_size, (int, np.integer)) or not (
-        0 <= val_size < len(labels)
-    ):
-        raise ValueError(
-            f"`val_size` must be an int in [0, {len(labels)}) (the training images). "
-            f"Received: val_size={val_size!r}"
-        )
-    return _balanced_take(labels, np.arange(len(labels)), val_size, seed)
-
-
-def balanced_subset(labels, indices, size, seed=0):
-    """Returns ``size`` of ``indices`` (sorted), class-balanced and seeded."""
-    return _balanced_take(np.asarray(labels), np.asarray(indices), size, seed)[1]
-
-
-def _balanced_take(labels, indices, size, seed):
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels[indices])
-    per_class = [rng.permutation(indices[labels[indices] == c]) for c in classes]
-    quota = [size // len(classes) + (i < size % len(classes)) for i in range(len(classes))]
-    # A class with too few images gives what it has; the others make up the difference.
-    taken = [min(q, len(p)) for q, p in zip(quota, per_class, strict=True)]
-    short = size - sum(taken)
-    for i, p in enumerate(per_class):
-        extra = min(short, len(p) - taken[i])
-        taken[i] += extra
-        short -= extra
-    chosen = np.concatenate([p[:t] for p, t in zip(per_class, taken, strict=True)])
-    rest = np.setdiff1d(indices, chosen)
-    return np.sort(rest), np.sort(chosen)
+from keras_newton.data.splits import balanced_subset, holdout_split  # noqa: F401
+from keras_newton.preprocessing import normalize
 
 
 def channel_stats(images, chunk=4096):
@@ -116,8 +71,6 @@ def make_dataset(images, labels, batch_size, mean, std, *, training, augment=Fal
     """
     import tensorflow as tf
 
-    mean = tf.constant(mean, tf.float32)
-    std = tf.constant(std, tf.float32)
     height, width = images.shape[1:3]
 
     def augment_fn(x, y):
@@ -126,7 +79,7 @@ def make_dataset(images, labels, batch_size, mean, std, *, training, augment=Fal
         return tf.image.random_flip_left_right(x, seed=seed), y
 
     def normalize_fn(x, y):
-        return (tf.cast(x, tf.float32) - mean) / std, y
+        return normalize(x, mean, std, "channels_last"), y
 
     ds = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
     if training:
@@ -174,7 +127,7 @@ class ArrayBatches(keras.utils.PyDataset):
         x = self.images[take]
         if self.training and self.augment:
             x = _shift_and_flip(x, self.shift, self.rng)
-        return (x.astype(np.float32) - self.mean) / self.std, self.labels[take]
+        return normalize(x, self.mean, self.std, "channels_last"), self.labels[take]
 
 def _shift_and_flip(x, shift, rng):
     n, height, width = x.shape[:3]

@@ -90,7 +90,8 @@ class CharTokenizer(keras.layers.Layer):
     A TensorFlow preprocessing layer (like ``keras.layers.TextVectorization``): use it
     in ``tf.data`` with any backend (``ds.map(lambda s, y: (tokenizer(s), y))``) or
     eagerly; keep it out of the model so that exported graphs take integer ids.
-    ``export_text_savedmodel`` puts it in a SavedModel signature that takes strings
+    ``keras_newton.export.export_text_savedmodel`` puts it in a SavedModel signature
+    that takes strings
     (loading that SavedModel needs ``import tensorflow_text``).
 
     Args:
@@ -175,33 +176,6 @@ class CharTokenizer(keras.layers.Layer):
                        "normalization_form": self.normalization_form,
                        "lowercase": self.lowercase})
         return config
-
-
-def export_text_savedmodel(model, path, tokenizer=None):
-    """Writes a TF SavedModel whose ``serve`` signature maps raw strings to predictions.
-
-    TensorFlow backend. The signature takes a string tensor ``(batch,)`` and runs
-    ``tokenizer`` (default ``CharTokenizer`` of the model's input length) then ``model``.
-    Load it with ``import tensorflow_text`` first (its normalisation ops).
-    """
-    import tensorflow as tf
-
-    if keras.backend.backend() != "tensorflow":
-        raise ValueError("export_text_savedmodel needs the TensorFlow backend. "
-                         f"Received: backend={keras.backend.backend()!r}")
-    length = model.input_shape[1]
-    tokenizer = tokenizer or CharTokenizer(sequence_length=length)
-    if tokenizer.sequence_length != length:
-        raise ValueError(f"The tokenizer's sequence_length must be the model's input length "
-                         f"{length}. Received: sequence_length={tokenizer.sequence_length}")
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        "serve", lambda texts: model(tokenizer.encode(texts), training=False),
-        input_signature=[tf.TensorSpec([None], tf.string, name="texts")],
-    )
-    archive.write_out(str(path))
-    return path
 
 
 @dataclasses.dataclass

@@ -22,12 +22,19 @@ the convolution. The passes here:
 
 All are exact rewrites (no arithmetic changes); `simplify` runs the first two, tf2onnx's
 optimizers, then the third. Parity against Keras is measured on the result.
+
+4. `split_identity_taps`, for int8 quantization only (`keras_newton.export.quantize`): a
+   stride-1 ``Conv`` whose kernel is dominated by its diagonal centre taps (the identity
+   ``y`` of ``g = y + g1 + g2 + g3`` and ``y + alpha d``, merged into the CG Block's
+   convolution by `optimize_for_inference`) becomes ``Conv(x, W - D) + DepthwiseConv(x, d)``.
+   Same function (float rounding aside); per-channel int8 weights then resolve the small
+   W1/W2 kernels instead of spending their range on the identity.
 """
 
 import numpy as np
 
 __all__ = ["push_transposes_through_split", "scales_as_depthwise_convs", "simplify",
-           "split_channel_convs"]
+           "split_channel_convs", "split_identity_taps"]
 
 
 def _attr(node, name, default=None):
@@ -177,6 +184,69 @@ def scales_as_depthwise_convs(proto):
             group=channels[x], kernel_shape=[1, 1])])
     _drop_unused_initializers(graph)
     return proto
+
+
+def split_identity_taps(proto, min_ratio=2.0):
+    """Moves the dominant diagonal centre taps of stride-1 convolutions to a depthwise Conv.
+
+    A ``Conv`` (group 1, constant ``W`` of shape ``[C, C, k, k]`` with odd ``k``, stride
+    and dilation 1, padding ``k // 2`` before) reads input channel ``c`` at the output
+    pixel through its diagonal centre tap ``d_c = W[c, c, k//2, k//2]``. Where
+    ``|d_c|`` is at least ``min_ratio`` times the largest other weight of output channel
+    ``c`` (median over channels), the node becomes ``Add(Conv(x, W - D, b),
+    Conv(x, d, group=C, 1x1))``: the same function, with float rounding differences only.
+
+    Returns ``(proto, [{"node", "ratio"}, ...])``, the nodes rewritten and their median
+    ratio.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    rewritten = []
+    for node in [n for n in graph.node if n.op_type == "Conv"]:
+        if (len(node.input) < 2 or node.input[1] not in initializers
+                or _attr(node, "group", 1) != 1
+                or _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")):
+            continue
+        kernel = numpy_helper.to_array(initializers[node.input[1]])
+        if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1]:
+            continue
+        kh, kw = kernel.shape[2:]
+        pads = list(_attr(node, "pads", [0, 0, 0, 0]))
+        if (kh % 2 == 0 or kw % 2 == 0 or pads[:2] != [kh // 2, kw // 2]
+                or any(s != 1 for s in _attr(node, "strides", [1, 1]))
+                or any(d != 1 for d in _attr(node, "dilations", [1, 1]))):
+            continue
+        channels = np.arange(kernel.shape[0])
+        diagonal = kernel[channels, channels, kh // 2, kw // 2].copy()
+        rest = kernel.copy()
+        rest[channels, channels, kh // 2, kw // 2] = 0
+        largest = np.abs(rest).reshape(len(channels), -1).max(1)
+        ratio = float(np.median(np.abs(diagonal) / np.maximum(largest, 1e-30)))
+        if not ratio >= min_ratio:
+            continue
+        out = node.output[0]
+        off, scale = f"{out}__off_diagonal", f"{out}__identity_scale"
+        graph.initializer.extend([
+            numpy_helper.from_array(rest, off),
+            numpy_helper.from_array(diagonal.reshape(-1, 1, 1, 1), scale)])
+        _replace_node(graph, node, [
+            onnx.helper.make_node(
+                "Conv", [node.input[0], off, *node.input[2:]], [f"{out}__off_diagonal_out"],
+                name=f"{node.name}__off_diagonal",
+                **{a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}),
+            onnx.helper.make_node(
+                "Conv", [node.input[0], scale], [f"{out}__identity_out"],
+                name=f"{node.name}__identity", group=len(channels), kernel_shape=[1, 1]),
+            onnx.helper.make_node(
+                "Add", [f"{out}__off_diagonal_out", f"{out}__identity_out"], [out],
+                name=f"{node.name}__identity_add"),
+        ])
+        rewritten.append({"node": node.name, "ratio": round(ratio, 2)})
+    _drop_unused_initializers(graph)
+    return proto, rewritten
 
 
 def simplify(proto):

@@ -25,16 +25,17 @@ from the static input size; a strided block with an unknown size is refused.
 Outside the CG Blocks, every BatchNormalization that directly follows a linear
 ``Conv2D`` (and is its only consumer) is folded into it, and Dropout is removed. The
 result is a functional Keras model made of standard layers plus the registered
-inference layer `FoldedNewtonCGBlock` (only ``keras.ops``, any backend).
+inference layer `FoldedNewtonCGBlock` (``keras_newton.layers``; only ``keras.ops``, any
+backend), built here by `fold_newton_cg_block`.
 """
 
 import keras
 import numpy as np
-from keras import ops
 
-from keras_newton.layers import NewtonCGBlock
+from keras_newton.layers import FoldedNewtonCGBlock, NewtonCGBlock
 
-__all__ = ["FoldedNewtonCGBlock", "fold_batch_norm", "optimize_for_inference", "tap_offset"]
+__all__ = ["FoldedNewtonCGBlock", "fold_batch_norm", "fold_newton_cg_block",
+           "optimize_for_inference", "tap_offset"]
 
 
 def _same_pad_before(size, kernel, stride):
@@ -104,157 +105,68 @@ def _widen(kernel, bias, start, filters):
     return wide_k, wide_b
 
 
-@keras.saving.register_keras_serializable(package="keras_newton")
-class FoldedNewtonCGBlock(keras.layers.Layer):
-    """Inference-only Newton-CG Block: BN folded, each CG Block's reads of ``y`` merged.
+def fold_newton_cg_block(block, input_shape, name=None):
+    """A built `FoldedNewtonCGBlock` equal to ``block`` (a built `NewtonCGBlock`).
 
-    Computes exactly what `NewtonCGBlock` computes with ``training=False``, with two
-    3x3 convolutions per CG Block instead of four (plus projections). For CG Block
-    ``t`` (``D`` is ``sigma_t * d_t``, ``sigma_t = alpha_t`` or 1 where alpha is 0)::
-
-        [a | h | y_proj | skip] = merged_t(y)           # one conv, split on channels
-        D = a + conv4_t(ReLU(h)) + c_t * D_prev         # c_t = sigma_t beta_t / sigma_{t-1}
-        y = (y_proj or y) + r_t * D                     # r_t = alpha_t / sigma_t
-    and returns ``ReLU((skip or x) + y)``. Build it with `from_block`.
-
-    Args:
-        num_cg_blocks: int, number of CG Blocks.
-        filters: int, output channels.
-        strides: int, stride of the first CG Block.
-        cg_projection: bool, whether the first CG Block projects ``y`` (shape change).
-        skip_projection: bool, whether the outer skip is a projection.
-        data_format: ``"channels_last"`` or ``"channels_first"``.
-        **kwargs: standard layer arguments.
+    ``input_shape`` is the block's input shape with the batch dimension.
     """
+    if not block.built:
+        raise ValueError(f"NewtonCGBlock {block.name!r} is not built. Received: block={block}")
+    channels_last = block.data_format == "channels_last"
+    spatial = input_shape[1:3] if channels_last else input_shape[2:4]
+    first = block.cg_blocks[0]
+    layer = FoldedNewtonCGBlock(
+        block.num_cg_blocks, block.filters, strides=block.strides,
+        cg_projection=first.use_projection, skip_projection=block.use_projection,
+        data_format=block.data_format, name=name or block.name, dtype=block.dtype_policy)
+    layer.build(tuple(input_shape))
 
-    def __init__(self, num_cg_blocks, filters, strides=1, cg_projection=False,
-                 skip_projection=False, data_format=None, **kwargs):
-        super().__init__(**kwargs)
-        self.num_cg_blocks = int(num_cg_blocks)
-        self.filters = int(filters)
-        self.strides = int(strides)
-        self.cg_projection = bool(cg_projection)
-        self.skip_projection = bool(skip_projection)
-        self.data_format = data_format or keras.config.image_data_format()
-        self.channel_axis = -1 if self.data_format == "channels_last" else 1
-        self.merged = []
-        self.conv4 = []
-        for t in range(self.num_cg_blocks):
-            self.merged.append(keras.layers.Conv2D(
-                self.filters * self._parts(t), 3, strides=self.strides if t == 0 else 1,
-                padding="same", data_format=self.data_format, name=f"cg{t}_merged"))
-            self.conv4.append(keras.layers.Conv2D(
-                self.filters, 3, padding="same", data_format=self.data_format,
-                name=f"cg{t}_conv4"))
-
-    def _parts(self, t):
+    prev_sigma = None
+    coefficients = np.ones((block.num_cg_blocks, 2))
+    for t, cg in enumerate(block.cg_blocks):
+        if t > 0 and (cg.use_projection or cg.strides != 1):
+            raise ValueError("Only the first CG Block of a Newton-CG Block may change the "
+                             f"shape. Received: block={block.name!r}, cg_block={t}")
+        stride = cg.strides
+        taps = (tap_offset(spatial[0], stride), tap_offset(spatial[1], stride)) \
+            if t == 0 else (1, 1)
+        k1, b1 = fold_batch_norm(cg.conv1, cg.bn1)
+        k2, b2 = fold_batch_norm(cg.conv2, cg.bn2)
+        k3, b3 = fold_batch_norm(cg.conv3, cg.bn3)
+        k4, b4 = fold_batch_norm(cg.conv4, cg.bn4)
+        if cg.branch_filters is not None:  # eq. 18: [g1, g2, g3] = zero-padded sum
+            f1, f2, _ = cg.branch_filters
+            k1, b1 = _widen(k1, b1, 0, block.filters)
+            k2, b2 = _widen(k2, b2, f1, block.filters)
+            k4, b4 = _widen(k4, b4, f1 + f2, block.filters)
+        if cg.use_projection:
+            kg, bg = fold_batch_norm(cg.proj_g_conv, cg.proj_g_bn)
+            kg = _embed_1x1(kg, taps)
+        else:  # y itself: the centre tap of the identity (stride 1, same channels)
+            kg = _embed_1x1(np.eye(block.filters)[None, None], (1, 1))
+            bg = np.zeros(block.filters)
+        alpha = _scalar(cg.alpha)
+        sigma = alpha if alpha != 0.0 else 1.0
+        kernels = [-sigma * (kg + k1 + k2), k3]
+        biases = [-sigma * (bg + b1 + b2), b3]
+        if t == 0 and cg.use_projection:
+            ky, by = fold_batch_norm(cg.proj_y_conv, cg.proj_y_bn)
+            kernels.append(_embed_1x1(ky, taps))
+            biases.append(by)
+        if t == 0 and block.use_projection:
+            ks, bs = fold_batch_norm(block.proj_conv, block.proj_bn)
+            kernels.append(_embed_1x1(ks, taps))
+            biases.append(bs)
         if t > 0:
-            return 2
-        return 2 + int(self.cg_projection) + int(self.skip_projection)
-
-    def build(self, input_shape):
-        out_shape = self.merged[0].compute_output_shape(input_shape)
-        out_shape = list(out_shape)
-        out_shape[self.channel_axis] = self.filters
-        for t in range(self.num_cg_blocks):
-            self.merged[t].build(input_shape if t == 0 else tuple(out_shape))
-            self.conv4[t].build(tuple(out_shape))
-        # Per CG Block: (c_t, r_t); c_0 is unused.
-        self.coefficients = self.add_weight(name="coefficients", shape=(self.num_cg_blocks, 2),
-                                            initializer="ones", trainable=False)
-
-    def call(self, inputs):
-        y, direction = inputs, None
-        skip = inputs
-        for t in range(self.num_cg_blocks):
-            parts = ops.split(self.merged[t](y), self._parts(t), axis=self.channel_axis)
-            a, h, rest = parts[0], parts[1], parts[2:]
-            step = a + self.conv4[t](ops.relu(h))
-            if t > 0:
-                step = step + ops.cast(self.coefficients[t, 0], step.dtype) * direction
-            direction = step
-            y_base = y
-            if t == 0 and self.cg_projection:
-                y_base, rest = rest[0], rest[1:]
-            if t == 0 and self.skip_projection:
-                skip = rest[0]
-            y = y_base + ops.cast(self.coefficients[t, 1], step.dtype) * direction
-        return ops.relu(skip + y)
-
-    def compute_output_shape(self, input_shape):
-        shape = list(self.merged[0].compute_output_shape(input_shape))
-        shape[self.channel_axis] = self.filters
-        return tuple(shape)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update({
-            "num_cg_blocks": self.num_cg_blocks, "filters": self.filters,
-            "strides": self.strides, "cg_projection": self.cg_projection,
-            "skip_projection": self.skip_projection, "data_format": self.data_format,
-        })
-        return config
-
-    @classmethod
-    def from_block(cls, block, input_shape, name=None):
-        """A built `FoldedNewtonCGBlock` equal to ``block`` (a built `NewtonCGBlock`)."""
-        if not block.built:
-            raise ValueError(f"NewtonCGBlock {block.name!r} is not built. Received: block={block}")
-        channels_last = block.data_format == "channels_last"
-        spatial = input_shape[1:3] if channels_last else input_shape[2:4]
-        first = block.cg_blocks[0]
-        layer = cls(block.num_cg_blocks, block.filters, strides=block.strides,
-                    cg_projection=first.use_projection, skip_projection=block.use_projection,
-                    data_format=block.data_format, name=name or block.name,
-                    dtype=block.dtype_policy)
-        layer.build(tuple(input_shape))
-
-        prev_sigma = None
-        coefficients = np.ones((block.num_cg_blocks, 2))
-        for t, cg in enumerate(block.cg_blocks):
-            if t > 0 and (cg.use_projection or cg.strides != 1):
-                raise ValueError("Only the first CG Block of a Newton-CG Block may change the "
-                                 f"shape. Received: block={block.name!r}, cg_block={t}")
-            stride = cg.strides
-            taps = (tap_offset(spatial[0], stride), tap_offset(spatial[1], stride)) \
-                if t == 0 else (1, 1)
-            k1, b1 = fold_batch_norm(cg.conv1, cg.bn1)
-            k2, b2 = fold_batch_norm(cg.conv2, cg.bn2)
-            k3, b3 = fold_batch_norm(cg.conv3, cg.bn3)
-            k4, b4 = fold_batch_norm(cg.conv4, cg.bn4)
-            if cg.branch_filters is not None:  # eq. 18: [g1, g2, g3] = zero-padded sum
-                f1, f2, _ = cg.branch_filters
-                k1, b1 = _widen(k1, b1, 0, block.filters)
-                k2, b2 = _widen(k2, b2, f1, block.filters)
-                k4, b4 = _widen(k4, b4, f1 + f2, block.filters)
-            if cg.use_projection:
-                kg, bg = fold_batch_norm(cg.proj_g_conv, cg.proj_g_bn)
-                kg = _embed_1x1(kg, taps)
-            else:  # y itself: the centre tap of the identity (stride 1, same channels)
-                kg = _embed_1x1(np.eye(block.filters)[None, None], (1, 1))
-                bg = np.zeros(block.filters)
-            alpha = _scalar(cg.alpha)
-            sigma = alpha if alpha != 0.0 else 1.0
-            kernels = [-sigma * (kg + k1 + k2), k3]
-            biases = [-sigma * (bg + b1 + b2), b3]
-            if t == 0 and cg.use_projection:
-                ky, by = fold_batch_norm(cg.proj_y_conv, cg.proj_y_bn)
-                kernels.append(_embed_1x1(ky, taps))
-                biases.append(by)
-            if t == 0 and block.use_projection:
-                ks, bs = fold_batch_norm(block.proj_conv, block.proj_bn)
-                kernels.append(_embed_1x1(ks, taps))
-                biases.append(bs)
-            if t > 0:
-                coefficients[t, 0] = sigma * _scalar(cg.beta) / prev_sigma
-            coefficients[t, 1] = alpha / sigma
-            prev_sigma = sigma
-            layer.merged[t].set_weights([np.concatenate(kernels, axis=-1).astype("float32"),
-                                         np.concatenate(biases).astype("float32")])
-            layer.conv4[t].set_weights([(-sigma * k4).astype("float32"),
-                                        (-sigma * b4).astype("float32")])
-        layer.coefficients.assign(coefficients.astype("float32"))
-        return layer
+            coefficients[t, 0] = sigma * _scalar(cg.beta) / prev_sigma
+        coefficients[t, 1] = alpha / sigma
+        prev_sigma = sigma
+        layer.merged[t].set_weights([np.concatenate(kernels, axis=-1).astype("float32"),
+                                     np.concatenate(biases).astype("float32")])
+        layer.conv4[t].set_weights([(-sigma * k4).astype("float32"),
+                                    (-sigma * b4).astype("float32")])
+    layer.coefficients.assign(coefficients.astype("float32"))
+    return layer
 
 
 def _foldable_pairs(model):
@@ -331,7 +243,7 @@ def optimize_for_inference(model):
             new.set_weights([kernel.astype(layer.kernel.dtype), bias.astype(layer.kernel.dtype)])
             return out
         if isinstance(layer, NewtonCGBlock):
-            new = FoldedNewtonCGBlock.from_block(layer, tuple(args[0].shape))
+            new = fold_newton_cg_block(layer, tuple(args[0].shape))
             return new(args[0])
         config = layer.get_config()
         for key in ("kernel_regularizer", "bias_regularizer", "activity_regularizer"):

@@ -1,12 +1,22 @@
-"""Running an exported ONNX classifier with ONNX Runtime (``OnnxClassifier``)."""
+"""Running an exported ONNX classifier with ONNX Runtime (``OnnxClassifier``).
+
+Needs only onnxruntime and NumPy: no Keras, no TensorFlow (``keras-newton predict`` and
+``keras-newton serve`` run on an install without them). The zoo's ONNX files
+(``<arch>.<tag>.onnx`` + sidecar, written by ``python export/export_zoo.py --zoo``; the
+int8 ones ``<arch>.<tag>.int8.onnx``, key ``<arch>.<tag>.int8``) are found with
+`zoo_onnx_path`.
+"""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from keras_newton.export.onnx_export import METADATA_KEY
+from keras_newton.preprocessing import normalize
 
+INT8_SUFFIX = ".int8"  # zoo key and file name of an entry's int8 export
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64,
               "tensor(uint8)": np.uint8, "tensor(int64)": np.int64,
               "tensor(float16)": np.float16, "tensor(int32)": np.int32}
@@ -21,6 +31,76 @@ def softmax(logits):
 def sidecar_path(path):
     """``model.onnx`` -> ``model.onnx.json``."""
     return Path(f"{path}.json")
+
+
+def zoo_folders():
+    """Where zoo files are looked for, in the order of ``keras_newton.zoo.weights_path``."""
+    from keras_newton import zoo
+
+    folders = [Path(p) for p in [os.environ.get("KERAS_NEWTON_ZOO")] if p]
+    return folders + [zoo.REPO_ZOO, zoo.INSTALLED_ZOO, zoo.keras_newton_home() / "models"]
+
+
+def check_zoo_onnx(path, key, entry):
+    """Raises a ValueError unless ``path`` is the current export of registry entry ``key``.
+
+    Its sidecar must name the entry's weights (sha256) and, when it records one, the
+    ONNX file's own sha256 must match: a file exported from older weights is stale.
+    """
+    from keras_newton import zoo
+
+    sidecar = sidecar_path(path)
+    regenerate = f"regenerate it with `python export/export_zoo.py --zoo {key}`"
+    if str(path).endswith(f"{INT8_SUFFIX}.onnx"):
+        regenerate += " --calibration-data TRAINING_DATA"
+    if not sidecar.is_file():
+        raise ValueError(f"The zoo ONNX file {path} has no sidecar {sidecar.name}; {regenerate}.")
+    card = json.loads(sidecar.read_text())
+    if (card.get("weights") or {}).get("sha256") != entry["sha256"]:
+        raise ValueError(
+            f"The zoo ONNX file {path} is stale: exported from weights with sha256 "
+            f"{(card.get('weights') or {}).get('sha256')}, the registry's {key} weights have "
+            f"{entry['sha256']}; {regenerate}.")
+    if card.get("onnx_sha256") and zoo.file_sha256(path) != card["onnx_sha256"]:
+        raise ValueError(f"The zoo ONNX file {path} is corrupted or truncated (sha256 differs "
+                         f"from its sidecar's); {regenerate} or restore it.")
+    return path
+
+
+def _entry_key(key):
+    """``newton_cgnet10.cifar10.int8`` -> ``newton_cgnet10.cifar10``; others unchanged."""
+    key = str(key)
+    return key[:-len(INT8_SUFFIX)] if key.endswith(INT8_SUFFIX) else key
+
+
+def is_zoo_key(name):
+    """True if ``name`` is a registry key (or one with ``.int8``) and no file of that name
+    exists."""
+    from keras_newton import zoo
+
+    return _entry_key(name) in zoo.REGISTRY and not Path(name).exists()
+
+
+def zoo_onnx_path(key):
+    """Local, checked path of a zoo entry's ONNX export: ``newton_cgnet10.cifar10`` (fp32),
+    ``newton_cgnet10.cifar10.int8`` (int8)."""
+    from keras_newton import zoo
+
+    entry = _entry_key(key)
+    if entry not in zoo.REGISTRY:
+        raise ValueError(f"No zoo entry {entry!r}. Registered: {zoo.available() or 'none'} "
+                         f"(int8 exports: <key>{INT8_SUFFIX}). Received: model={key!r}")
+    folders = zoo_folders()
+    for folder in folders:
+        candidate = folder / f"{key}.onnx"
+        if candidate.is_file():
+            return check_zoo_onnx(candidate, entry, zoo.REGISTRY[entry])
+    command = f"python export/export_zoo.py --zoo {entry}"
+    if key != entry:
+        command += " --calibration-data TRAINING_DATA"
+    raise ValueError(
+        f"The ONNX export {key}.onnx is not in {[str(f) for f in folders]}; write it with "
+        f"`{command}` or set KERAS_NEWTON_ZOO.")
 
 
 class OnnxClassifier:
@@ -65,6 +145,11 @@ class OnnxClassifier:
         self.input_dtype = np.dtype(_ORT_TYPES[inp.type])
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.metadata = self._load_metadata()
+
+    @classmethod
+    def from_zoo(cls, key, **kwargs):
+        """The zoo entry ``key``'s ONNX export (see `zoo_onnx_path`)."""
+        return cls(zoo_onnx_path(key), **kwargs)
 
     def _load_metadata(self):
         sidecar = sidecar_path(self.path)
@@ -127,8 +212,7 @@ class OnnxClassifier:
                 "No preprocessing known for this file: put its JSON sidecar "
                 f"({sidecar_path(self.path).name}) next to it. Received: onnx={str(self.path)!r}"
             )
-        x = (images.astype("float32") - np.asarray(prep["mean"], "float32")) \
-            / np.asarray(prep["std"], "float32")
+        x = normalize(images, prep["mean"], prep["std"], "channels_last")
         if self.input_shape[-1] != 3:  # NCHW graph
             x = x.transpose(0, 3, 1, 2)
         return np.ascontiguousarray(x, dtype=self.input_dtype)

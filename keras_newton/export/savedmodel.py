@@ -47,14 +47,14 @@ def export_savedmodel(model, path, mean, std):
     import keras
     import tensorflow as tf
 
+    from keras_newton.preprocessing import normalize
+
     layout = _layout(model)
-    mean_t = tf.constant(np.asarray(mean, "float32").reshape(3))
-    std_t = tf.constant(np.asarray(std, "float32").reshape(3))
     float_shape = [None, *model.input_shape[1:]]
     u8_shape = uint8_shape(model)
 
     def from_uint8(images):
-        x = (tf.cast(images, tf.float32) - mean_t) / std_t
+        x = normalize(images, mean, std, "channels_last")
         if layout == "NCHW":
             x = tf.transpose(x, (0, 3, 1, 2))
         return {OUTPUT_NAME: model(x, training=False)}
@@ -92,3 +92,35 @@ def run_savedmodel(loaded, images, signature=UINT8_SIGNATURE, batch_size=256):
     outs = [fn(**{INPUT_NAME: tf.constant(images[i:i + batch_size])})[OUTPUT_NAME].numpy()
             for i in range(0, len(images), batch_size)]
     return np.concatenate(outs)
+
+
+def export_text_savedmodel(model, path, tokenizer=None):
+    """Writes a TF SavedModel whose ``serve`` signature maps raw strings to predictions.
+
+    For the character-level text models (``keras_newton.models.newton_cgnet_text``, VDCNN).
+    TensorFlow backend. The signature takes a string tensor ``(batch,)`` and runs
+    ``tokenizer`` (default ``keras_newton.data.text.CharTokenizer`` of the model's input
+    length) then ``model``.
+    Load it with ``import tensorflow_text`` first (its normalisation ops).
+    """
+    import keras
+    import tensorflow as tf
+
+    from keras_newton.data.text import CharTokenizer
+
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError("export_text_savedmodel needs the TensorFlow backend. "
+                         f"Received: backend={keras.backend.backend()!r}")
+    length = model.input_shape[1]
+    tokenizer = tokenizer or CharTokenizer(sequence_length=length)
+    if tokenizer.sequence_length != length:
+        raise ValueError(f"The tokenizer's sequence_length must be the model's input length "
+                         f"{length}. Received: sequence_length={tokenizer.sequence_length}")
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serve", lambda texts: model(tokenizer.encode(texts), training=False),
+        input_signature=[tf.TensorSpec([None], tf.string, name="texts")],
+    )
+    archive.write_out(str(path))
+    return path

@@ -21,6 +21,11 @@ from keras_newton.models.newton_cgnet import (
     newton_cgnet,
     parse_spec,
 )
+from keras_newton.models.quasi_newton import (
+    QUASI_NEWTON_MODELS,
+    parse_quasi_newton_spec,
+    quasi_newton_net,
+)
 from keras_newton.models.resnet import (
     PlainNet20,
     PlainNet32,
@@ -60,6 +65,8 @@ PAPER_PARAMS = {
 MODELS = {f"newton_cgnet{d}": getattr(_ncg, f"NewtonCGNet{d}") for d in _ncg.SPECS}
 MODELS.update({f"resnet{d}": getattr(_resnet, f"ResNet{d}") for d in _resnet.RESNET_DEPTHS})
 MODELS.update({f"plainnet{d}": getattr(_resnet, f"PlainNet{d}") for d in _resnet.RESNET_DEPTHS})
+# Beyond the paper: quasi-Newton Blocks of order m (Section 3.1, eq. 8; docs/newton_design.md).
+MODELS.update(QUASI_NEWTON_MODELS)
 # ImageNet (224x224, 1000 classes; Section 4.1.5).
 MODELS.update(IMAGENET_MODELS)
 PAPER_PARAMS.update(IMAGENET_PAPER_PARAMS)
@@ -84,7 +91,7 @@ def get_model(name, **kwargs):
 
 __all__ = [
     "MODELS", "PAPER_PARAMS", "canonical_name", "get_model", "newton_cgnet", "parse_spec",
-    "resnet", "plainnet",
+    "resnet", "plainnet", "quasi_newton_net", "parse_quasi_newton_spec",
     "NewtonCGNet10", "NewtonCGNet16", "NewtonCGNet22", "NewtonCGNet28", "NewtonCGNet56",
     "NewtonCGNet82", "NewtonCGNet110",
     "ResNet20", "ResNet32", "ResNet44", "ResNet56", "ResNet110", "ResNet164",

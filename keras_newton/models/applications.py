@@ -3,9 +3,16 @@
 import os
 
 import keras
+import numpy as np
 
 from keras_newton import zoo
-from keras_newton.layers.common import batch_norm, conv, standardize_data_format
+from keras_newton.files import load_weights
+from keras_newton.layers.common import (
+    batch_norm,
+    channel_axis,
+    conv,
+    standardize_data_format,
+)
 
 POOLINGS = (None, "avg", "max")
 
@@ -68,30 +75,32 @@ def classifier(
     """Builds ``inputs -> backbone(x) -> [pooling | GAP + Dense]`` as a functional model.
 
     ``backbone(x, data_format, kernel_regularizer)`` must return the last feature map.
-    ``weights`` is None, a path, or a tag of ``keras_newton.zoo`` for ``arch``.
+    ``weights`` is None, a tag of ``keras_newton.zoo`` for ``arch`` or a path, resolved by
+    `keras_newton.zoo.resolve_weights`; registered weights (a tag, or a file with an
+    entry's sha256) must fit: RGB input, the entry's ``classes`` with the top.
     """
     data_format = standardize_data_format(data_format)
     _check_choice("pooling", pooling, POOLINGS)
-    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+    if isinstance(classes, bool) or not isinstance(classes, int | np.integer) or classes < 1:
         raise ValueError(f"`classes` must be a positive integer. Received: classes={classes!r}")
+    classes = int(classes)
     if weight_decay < 0:
         raise ValueError(f"`weight_decay` must be >= 0. Received: weight_decay={weight_decay}")
-    if weights is not None and not isinstance(weights, str):
-        raise ValueError(
-            "`weights` must be None, a pretrained tag (see keras_newton.zoo.available()) or "
-            f"the path to a `.weights.h5` file. Received: weights={weights!r}"
-        )
-    entry = None
-    if weights is not None and not os.path.exists(weights):
-        if arch is None:
+    info = None
+    if weights is not None:
+        if arch is None and not (isinstance(weights, str | os.PathLike)
+                                 and os.path.isfile(weights)):
             raise ValueError(
                 "Pretrained weights exist only for the named architectures (e.g. "
-                f"NewtonCGNet10). Received: weights={weights!r} for model {name!r}"
+                f"NewtonCGNet10); `weights` must be None or the path of an existing "
+                f"`.weights.h5` file for model {name!r}. Received: weights={weights!r}"
             )
-        entry = zoo.get_entry(arch, weights)
+        info = zoo.resolve_weights(arch, weights)
+    entry = info and info["entry"]
+    if entry is not None:
         if include_top and classes != entry["classes"]:
             raise ValueError(
-                f"Pretrained weights {arch}.{weights} have {entry['classes']} classes; use "
+                f"Pretrained weights {info['key']} have {entry['classes']} classes; use "
                 "include_top=False for another number of classes. "
                 f"Received: classes={classes}"
             )
@@ -103,6 +112,13 @@ def classifier(
     regularizer = keras.regularizers.L2(weight_decay / 2) if weight_decay else None
 
     inputs, x = image_input(input_tensor, input_shape, default_size, min_size, data_format)
+    channels = x.shape[channel_axis(data_format)]
+    if entry is not None and channels != 3:
+        raise ValueError(
+            f"Pretrained weights {info['key']} take RGB images (3 channels); build the model "
+            f"without weights for {channels}-channel input. Received: weights={weights!r}, "
+            f"input_shape={tuple(x.shape[1:])}"
+        )
     x = backbone(x, data_format=data_format, kernel_regularizer=regularizer)
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(data_format=data_format, name="avg_pool")(x)
@@ -119,22 +135,23 @@ def classifier(
     elif pooling == "max":
         x = keras.layers.GlobalMaxPooling2D(data_format=data_format, name="max_pool")(x)
     model = keras.Model(inputs, x, name=name)
-    if entry is not None:
-        path = zoo.weights_path(arch, weights)
-        if include_top:
-            model.load_weights(path)
-        else:  # the backbone of the same weights: copy layer by (stable) name
-            full = classifier(
-                backbone=backbone, arch=arch, name=name, include_top=True, weights=str(path),
-                input_tensor=None, input_shape=model.input_shape[1:], pooling=None,
-                classes=entry["classes"], classifier_activation=None,
-                default_size=default_size, min_size=min_size, data_format=data_format,
-            )
-            for layer in model.layers:
-                if layer.weights:
-                    layer.set_weights(full.get_layer(layer.name).get_weights())
-    elif weights is not None:
-        model.load_weights(weights)
+    if info is None:
+        return model
+    path = info["path"] or zoo.weights_path(arch, info["tag"])
+    if entry is not None and not include_top:
+        # The backbone of the full model's weights: copy layer by (stable) name.
+        full = classifier(
+            backbone=backbone, arch=arch, name=name, include_top=True, weights=None,
+            input_tensor=None, input_shape=model.input_shape[1:], pooling=None,
+            classes=entry["classes"], classifier_activation=None,
+            default_size=default_size, min_size=min_size, data_format=data_format,
+        )
+        load_weights(full, path)
+        for layer in model.layers:
+            if layer.weights:
+                layer.set_weights(full.get_layer(layer.name).get_weights())
+    else:
+        load_weights(model, path)
     return model
 
 

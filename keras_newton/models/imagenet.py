@@ -37,7 +37,7 @@ def imagenet_stem(x, data_format, kernel_regularizer):
                                      name="stem_pool")(x)
 
 
-def _build(newton_stage, dropout_rate, **kwargs):
+def _build(newton_stage, dropout_rate, arch, **kwargs):
     def backbone(x, data_format, kernel_regularizer):
         x = imagenet_stem(x, data_format, kernel_regularizer)
         for s, (n, width) in enumerate(zip(BLOCKS, WIDTHS, strict=True)):
@@ -54,8 +54,8 @@ def _build(newton_stage, dropout_rate, **kwargs):
                                 data_format, kernel_regularizer)
         return x
 
-    return classifier(backbone=backbone, default_size=DEFAULT_SIZE, min_size=MIN_SIZE,
-                      **kwargs)
+    return classifier(backbone=backbone, arch=arch, default_size=DEFAULT_SIZE,
+                      min_size=MIN_SIZE, **kwargs)
 
 
 def NewtonCGNet34(
@@ -79,18 +79,20 @@ def NewtonCGNet34(
     Args:
         include_top, weights, input_tensor, input_shape, pooling, classes,
             classifier_activation: as in ``keras.applications`` (default input
-            224x224x3, at least 32x32; ``weights`` is None or a ``.weights.h5`` path).
+            224x224x3, at least 32x32; ``weights`` is None, a zoo tag or a
+            ``.weights.h5`` path).
         dropout_rate: float in [0, 1), the CG Blocks' dropout (0.2 in the paper).
         weight_decay: L2 coefficient as in SGD weight decay.
-        data_format: ``"channels_last"`` (default) or ``"channels_first"``.
+        data_format: ``"channels_last"`` or ``"channels_first"``; default
+            ``keras.config.image_data_format()``.
         name: model name.
 
     Returns:
         A ``keras.Model``.
     """
-    return _build(2, dropout_rate, name=name, include_top=include_top, weights=weights,
-                  input_tensor=input_tensor, input_shape=input_shape, pooling=pooling,
-                  classes=classes, classifier_activation=classifier_activation,
+    return _build(2, dropout_rate, "newton_cgnet34", name=name, include_top=include_top,
+                  weights=weights, input_tensor=input_tensor, input_shape=input_shape,
+                  pooling=pooling, classes=classes, classifier_activation=classifier_activation,
                   weight_decay=weight_decay, data_format=data_format)
 
 
@@ -110,7 +112,7 @@ def ResNet34(
 
     Arguments as in `NewtonCGNet34` (no dropout).
     """
-    return _build(None, 0.0, name=name, include_top=include_top, weights=weights,
+    return _build(None, 0.0, "resnet34", name=name, include_top=include_top, weights=weights,
                   input_tensor=input_tensor, input_shape=input_shape, pooling=pooling,
                   classes=classes, classifier_activation=classifier_activation,
                   weight_decay=weight_decay, data_format=data_format)

@@ -87,7 +87,8 @@ def newton_cgnet(
         weight_decay: L2 coefficient as in SGD weight decay (adds
             ``weight_decay / 2 * ||w||^2`` per kernel to the loss).
         width_multiplier: scales the 16/32/64 widths (1.0 in the paper).
-        data_format: ``"channels_last"`` (default) or ``"channels_first"``.
+        data_format: ``"channels_last"`` or ``"channels_first"`` (inputs ``(3, H, W)``);
+            default ``keras.config.image_data_format()``. Weights files fit both.
         name: model name; default ``newton_cgnet{L}``.
 
     Returns:
@@ -149,6 +150,7 @@ def _named_builder(depth):
         classifier_activation="softmax",
         dropout_rate=0.2,
         weight_decay=0.0,
+        data_format=None,
         name=f"newton_cgnet{depth}",
     ):
         return newton_cgnet(
@@ -163,6 +165,7 @@ def _named_builder(depth):
             classifier_activation=classifier_activation,
             dropout_rate=dropout_rate,
             weight_decay=weight_decay,
+            data_format=data_format,
             name=name,
         )
 

@@ -62,7 +62,7 @@ def _signature_doc(family, what):
         f"Builds a CIFAR {family} of the given depth (6n+2): {what}.\n\n"
         "    Arguments as in ``keras.applications`` (default input 32x32x3; ``weights`` is\n"
         "    None, a zoo tag or a ``.weights.h5`` path), plus ``weight_decay`` (L2, as SGD weight\n"
-        "    decay) and ``data_format``.\n"
+        "    decay) and ``data_format`` (default ``keras.config.image_data_format()``).\n"
     )
 
 
@@ -111,11 +111,11 @@ plainnet.__doc__ = _signature_doc("PlainNet", "the ResNet stack without shortcut
 def _named(family_fn, depth, class_name):
     def builder(include_top=True, weights=None, input_tensor=None, input_shape=None,
                 pooling=None, classes=10, classifier_activation="softmax", weight_decay=0.0,
-                name=None):
+                data_format=None, name=None):
         return family_fn(depth, include_top=include_top, weights=weights,
                          input_tensor=input_tensor, input_shape=input_shape, pooling=pooling,
                          classes=classes, classifier_activation=classifier_activation,
-                         weight_decay=weight_decay, name=name)
+                         weight_decay=weight_decay, data_format=data_format, name=name)
 
     builder.__name__ = builder.__qualname__ = f"{class_name}{depth}"
     builder.__doc__ = f"{class_name}-{depth} for CIFAR. Arguments as in `{family_fn.__name__}`."

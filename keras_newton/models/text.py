@@ -35,6 +35,7 @@ import os
 import keras
 
 from keras_newton.data.text import SEQUENCE_LENGTH, VOCAB_SIZE
+from keras_newton.files import load_weights
 from keras_newton.layers import KMaxPooling, NewtonCGBlock
 from keras_newton.layers.common import batch_norm, check_positive_int, conv
 from keras_newton.models.resnet import basic_block
@@ -111,7 +112,7 @@ def _text_classifier(*, stages, name, include_top, weights, input_tensor, sequen
     sources = keras.utils.get_source_inputs(inputs) if input_tensor is not None else inputs
     model = keras.Model(sources, x, name=name)
     if weights is not None:
-        model.load_weights(weights)
+        load_weights(model, weights)
     return model
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from keras_newton.training.schedules import epoch_lr
+
 HISTORY_CSV = "history.csv"
 BEST_WEIGHTS = "best.weights.h5"
 BEST_JSON = "best.json"
@@ -153,13 +155,10 @@ class StopOnNaN(keras.callbacks.TerminateOnNaN):
 
 
 def milestone_lr(recipe, epoch, epochs):
-    """The recipe's step schedule per epoch: ``lr`` times ``lr_factor`` per milestone passed
-    (milestones are fractions of ``epochs``; ``epoch`` is 0-based), and ``lr * lr_factor``
-    in the ``warmup_epochs`` first epochs."""
-    if epoch < recipe.get("warmup_epochs", 0):
-        return recipe["lr"] * recipe["lr_factor"]
-    passed = sum(epoch + 1e-9 >= m * epochs for m in recipe["lr_milestones"])
-    return recipe["lr"] * recipe["lr_factor"] ** passed
+    """The recipe's schedule per epoch (``epoch`` 0-based of ``epochs``): ``lr`` times
+    ``lr_factor`` per milestone passed (milestones are fractions of ``epochs``), after the
+    ``warmup_epochs`` first epochs (`schedules.epoch_lr`)."""
+    return epoch_lr(recipe, epoch, epochs)
 
 
 class TimeBudget(keras.callbacks.Callback):
@@ -235,3 +234,63 @@ class TimeBudget(keras.callbacks.Callback):
                       f"({per_epoch:.1f} s per epoch).")
         if epoch + 1 >= self.epochs or left < last:
             self.model.stop_training = True
+
+
+class StopAfter(keras.callbacks.Callback):
+    """Pauses the run at the end of the last epoch that fits in ``seconds`` of this call.
+
+    Unlike `TimeBudget`, it leaves the run's length and schedule alone: the run is paused
+    (``paused``), and the same command continues it at the next epoch. The next epoch is
+    expected to take as long as the longest epoch of this call after its first (which
+    also compiles), plus 5%; after the first epoch, that epoch's time.
+
+    Args:
+        seconds: wall time of this call, counted from ``start``.
+        start: ``time.monotonic()`` at which the call began (default: at ``fit``).
+    """
+
+    def __init__(self, seconds, start=None):
+        super().__init__()
+        self.seconds, self.start = float(seconds), start
+        self.paused = False
+        self._durations = []
+
+    def on_train_begin(self, logs=None):
+        if self.start is None:
+            self.start = time.monotonic()
+        self.paused = False
+        self._durations = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.monotonic()
+        self._durations.append(now - self._epoch_start)
+        if getattr(self.model, "stop_training", False) or epoch + 1 >= self.params.get(
+                "epochs", math.inf):
+            return  # the run ends here anyway
+        expected = max(self._durations[1:] or self._durations) * 1.05
+        if now - self.start + expected > self.seconds:
+            self.model.stop_training = True
+            self.paused = True
+            print(f"Paused after epoch {epoch + 1}: another epoch (~{expected:.0f} s) would "
+                  f"end past {self.seconds:g} s; rerun the command to continue.")
+
+
+class Backup(keras.callbacks.BackupAndRestore):
+    """``BackupAndRestore`` that keeps its backup when the run is paused (`StopAfter`).
+
+    Args:
+        backup_dir: the backup folder.
+        stop_after: the run's `StopAfter` callback, or None.
+        **kwargs: ``BackupAndRestore`` arguments.
+    """
+
+    def __init__(self, backup_dir, stop_after=None, **kwargs):
+        super().__init__(backup_dir, **kwargs)
+        self.stop_after = stop_after
+
+    def on_train_end(self, logs=None):
+        if self.stop_after is None or not self.stop_after.paused:
+            super().on_train_end(logs)

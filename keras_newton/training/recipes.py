@@ -8,6 +8,12 @@ matching ``keras-newton train`` flag).
   and 75% of the epochs. ``warmup_epochs`` (not in the paper, 0 by default) trains the
   first epochs at ``lr * lr_factor``: He et al. (2016) started ResNet-110 so, because
   0.1 was "slightly too large to start converging".
+- Short schedules (not in the paper; each off by default): ``schedule="cosine"`` decays
+  the lr per step from ``lr`` after the warm-up to zero at the end (Loshchilov & Hutter,
+  2017) instead of the milestones; ``warmup="linear"`` ramps the warm-up epochs per step
+  from ``lr / warmup_steps`` to ``lr`` (Goyal et al., 2017) instead of holding
+  ``lr * lr_factor``; ``label_smoothing`` mixes ``label_smoothing / classes`` into every
+  class of the targets (Szegedy et al., 2016).
 - CIFAR: 300 epochs, weight decay 5e-4; SVHN: 40 epochs, weight decay 1e-4.
 - Dropout 0.2 on C10+/C100+, 0.3 on SVHN, 0.4 on C10/C100 (no augmentation).
 - Validation hold-out: 5,000 training images on CIFAR, 6,000 on SVHN; SVHN trains on
@@ -30,6 +36,9 @@ _COMMON = {
     "lr_milestones": [0.5, 0.75],  # fractions of the total training steps
     "lr_factor": 0.1,
     "warmup_epochs": 0,  # epochs at lr * lr_factor before lr (not in the paper)
+    "warmup": "constant",  # or "linear": lr * (step + 1) / warmup_steps
+    "schedule": "step",  # the paper's milestones, or "cosine" (not in the paper)
+    "label_smoothing": 0.0,
     "train_split": "train",
     "val_size": 5000,
 }
@@ -93,10 +102,24 @@ def get_recipe(dataset, augment=False, **overrides):
     return recipe
 
 
+# Options added after runs were started: a run's config.json records them only when they
+# differ from these values, so that the configs of older runs still match.
+LATER_OPTIONS = {"warmup_epochs": 0, "warmup": "constant", "schedule": "step",
+                 "label_smoothing": 0.0}
+SCHEDULES = ("step", "cosine")
+WARMUPS = ("constant", "linear")
+
+
 def recorded_recipe(recipe):
-    """The recipe as a run's ``config.json`` records it: without ``warmup_epochs`` when it
-    is 0, so that runs from before the option still resume."""
-    return {k: v for k, v in recipe.items() if k != "warmup_epochs" or v}
+    """The recipe as a run's ``config.json`` records it: without the options of
+    ``LATER_OPTIONS`` at their defaults (``warmup`` also without warm-up epochs), so that
+    runs from before the options still resume."""
+    def default(key, value):
+        if key == "warmup" and not recipe.get("warmup_epochs"):
+            return True
+        return key in LATER_OPTIONS and value == LATER_OPTIONS[key]
+
+    return {k: v for k, v in recipe.items() if not default(k, v)}
 
 
 def _check(recipe):
@@ -119,7 +142,22 @@ def _check(recipe):
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError("`warmup_epochs` must be an integer >= 0. "
                          f"Received: warmup_epochs={warmup!r}")
-    if warmup and warmup >= min(recipe["lr_milestones"], default=1) * recipe["epochs"]:
+    if recipe["schedule"] not in SCHEDULES:
+        raise ValueError(f"`schedule` must be one of {SCHEDULES}. "
+                         f"Received: schedule={recipe['schedule']!r}")
+    if recipe["warmup"] not in WARMUPS:
+        raise ValueError(f"`warmup` must be one of {WARMUPS}. "
+                         f"Received: warmup={recipe['warmup']!r}")
+    smoothing = recipe["label_smoothing"]
+    if isinstance(smoothing, bool) or not isinstance(smoothing, int | float) or not (
+            0 <= smoothing < 1):
+        raise ValueError("`label_smoothing` must be in [0, 1). "
+                         f"Received: label_smoothing={smoothing!r}")
+    if recipe["schedule"] == "cosine":
+        if warmup >= recipe["epochs"]:
+            raise ValueError(f"`warmup_epochs` must leave epochs for the cosine decay (of "
+                             f"{recipe['epochs']}). Received: warmup_epochs={warmup}")
+    elif warmup and warmup >= min(recipe["lr_milestones"], default=1) * recipe["epochs"]:
         raise ValueError("`warmup_epochs` must end before the first lr milestone "
                          f"({min(recipe['lr_milestones'])} * {recipe['epochs']} epochs). "
                          f"Received: warmup_epochs={warmup}")

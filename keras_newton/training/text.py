@@ -25,6 +25,7 @@ from keras_newton.training.trainer import (
     SUMMARY_JSON,
     _check_out,
     _fit_best,
+    _resume_position,
     _run_folder,
     compile_for_recipe,
 )
@@ -155,10 +156,15 @@ def train_text(
         kwargs = {"dropout_rate": recipe["dropout"]} if recipe["dropout"] is not None else {}
         net = builder(classes=len(source.class_names), weight_decay=recipe["weight_decay"],
                       **model_kwargs, **kwargs)
+        initial_epoch, restored = _resume_position(net, run_out, resuming, steps_per_epoch)
         compile_for_recipe(net, recipe, steps_per_epoch)
+        if restored is not None:
+            net.optimizer.iterations.assign(restored["iterations"])
         rows, best, started = _fit_best(
             net, train_ds, val_ds, recipe, run_out, f"{model_name} on {dataset} "
-            f"({recipe['recipe']})", callbacks, resuming, verbose)
+            f"({recipe['recipe']})", callbacks, resuming, verbose,
+            initial_epoch=0 if resuming == "backup" else initial_epoch,
+            steps_per_epoch=steps_per_epoch)
         test_accuracy = None
         if evaluate_test and test is not None:
             test_ds = make_text_dataset(test.texts, test.labels, batch, tokenizer)

@@ -23,8 +23,11 @@ from keras_newton.data.image_folder import check_source, source_key
 from keras_newton.data.pipeline import batches
 from keras_newton.models import MODELS, TEXT_MODELS, canonical_name
 from keras_newton.training import callbacks as cb
+from keras_newton.training import light_state
 from keras_newton.training.distribute import fix_multiworker_build, get_distribution
+from keras_newton.training.losses import SparseCategoricalCrossentropyWithSmoothing
 from keras_newton.training.recipes import get_recipe, recorded_recipe
+from keras_newton.training.schedules import RecipeSchedule
 
 CONFIG_JSON = "config.json"
 PREPROCESSING_JSON = "preprocessing.json"
@@ -35,21 +38,32 @@ LOG_DIR = "logs"
 # Everything a run writes in its output folder (what `overwrite=True` removes).
 RUN_FILES = (CONFIG_JSON, PREPROCESSING_JSON, SUMMARY_JSON, MODEL_KERAS, BACKUP_DIR, LOG_DIR,
              cb.HISTORY_CSV, cb.BEST_WEIGHTS, cb.BEST_JSON, cb.CURVES_PNG, cb.BUDGET_JSON,
-             "workers")
+             light_state.LAST_WEIGHTS, light_state.STATE_JSON, light_state.LEGS_JSON,
+             light_state.SUMS, "backup.old", "workers")
+# config.json keys that may differ between the calls (legs) of one run: where the data
+# lies (its content, data_key, may not change) and the precision of the machine.
+EXECUTION_KEYS = ("data", "mixed_precision")
 
 
-def compile_for_recipe(model, recipe, steps_per_epoch, per_epoch_lr=False):
-    """Compiles ``model`` with the recipe's SGD, step schedule, loss and accuracy.
+def compile_for_recipe(model, recipe, steps_per_epoch, per_epoch_lr=False,
+                       steps_per_execution=1):
+    """Compiles ``model`` with the recipe's SGD, learning-rate schedule, loss and accuracy.
 
-    The learning rate is ``lr`` times ``lr_factor`` for each milestone passed; the
+    The paper's step schedule: ``lr`` times ``lr_factor`` for each milestone passed; the
     milestones are fractions of the ``epochs * steps_per_epoch`` training steps. The
-    ``warmup_epochs`` first epochs (if any) train at ``lr * lr_factor``. With
-    ``per_epoch_lr`` it is a plain variable instead, which a callback sets each epoch
-    (`callbacks.TimeBudget`). Weight decay is not added here: it is the builders'
-    ``weight_decay`` (an L2 term).
+    ``warmup_epochs`` first epochs (if any) train at ``lr * lr_factor`` (``warmup=
+    "linear"``: ramp to ``lr``); ``schedule="cosine"`` decays from ``lr`` to zero instead
+    (`schedules.RecipeSchedule`). With ``per_epoch_lr`` the learning rate is a plain
+    variable, which a callback sets each epoch (`callbacks.TimeBudget`). The loss is the
+    cross-entropy, with ``label_smoothing`` when the recipe sets it. Weight decay is not
+    added here: it is the builders' ``weight_decay`` (an L2 term).
     """
+    custom = recipe.get("schedule", "step") == "cosine" or (
+        recipe.get("warmup", "constant") == "linear" and recipe.get("warmup_epochs", 0))
     if per_epoch_lr:
         schedule = recipe["lr"]
+    elif custom:
+        schedule = RecipeSchedule.from_recipe(recipe, steps_per_epoch)
     else:
         total = recipe["epochs"] * steps_per_epoch
         # PiecewiseConstantDecay switches after step b, i.e. from step b + 1 on.
@@ -60,11 +74,14 @@ def compile_for_recipe(model, recipe, steps_per_epoch, per_epoch_lr=False):
             boundaries = [warmup_steps - 1, *boundaries]
             values = [recipe["lr"] * recipe["lr_factor"], *values]
         schedule = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+    smoothing = recipe.get("label_smoothing", 0.0)
     model.compile(
         optimizer=keras.optimizers.SGD(schedule, momentum=recipe["momentum"],
                                        nesterov=recipe["nesterov"]),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
+        loss=(SparseCategoricalCrossentropyWithSmoothing(smoothing) if smoothing
+              else keras.losses.SparseCategoricalCrossentropy()),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        steps_per_execution=steps_per_execution,
     )
     return model
 
@@ -89,10 +106,14 @@ def _run_folder(dist, recipe, out):
 
 
 def _fit_best(net, train_ds, val_ds, recipe, run_out, title, callbacks, resuming, verbose,
-              lr_callback=None):
-    """Fits with the run's callbacks (``lr_callback``, log, backup, NaN stop, TensorBoard,
-    ``callbacks``) and loads the best weights. ``lr_callback`` (one that sets the learning
-    rate each epoch, e.g. `callbacks.TimeBudget`) runs first, so the log has its value.
+              lr_callback=None, initial_epoch=0, stop_after=None, steps_per_epoch=None,
+              on_device=None):
+    """Fits with the run's callbacks (``lr_callback``, log, light state, backup, NaN stop,
+    ``stop_after``, TensorBoard, ``callbacks``) and loads the best weights, unless
+    ``stop_after`` paused the run. ``lr_callback`` (one that sets the learning rate each
+    epoch, e.g. `callbacks.TimeBudget`) runs first, so the log has its value.
+    ``on_device``: the arguments of `on_device.fit_on_device` (``train_ds`` and ``val_ds``
+    are then ``(images, labels)`` arrays), else ``Model.fit``.
 
     Returns:
         ``(history rows, best.json, start time)``.
@@ -100,7 +121,8 @@ def _fit_best(net, train_ds, val_ds, recipe, run_out, title, callbacks, resuming
     run_callbacks = [
         *([lr_callback] if lr_callback is not None else []),
         cb.RunLogger(run_out, monitor="val_accuracy", title=title),
-        keras.callbacks.BackupAndRestore(str(run_out / BACKUP_DIR), double_checkpoint=True),
+        light_state.LightState(run_out, steps_per_epoch),
+        cb.Backup(str(run_out / BACKUP_DIR), stop_after, double_checkpoint=True),
         cb.StopOnNaN(
             hint="Try a lower learning rate or warm-up epochs at lr * lr_factor (--lr, "
                  f"--warmup-epochs; received: lr={recipe['lr']}, warmup_epochs="
@@ -108,17 +130,30 @@ def _fit_best(net, train_ds, val_ds, recipe, run_out, title, callbacks, resuming
                  f"finished epoch is backed up in {run_out / BACKUP_DIR} and the best "
                  f"weights are in {run_out / cb.BEST_WEIGHTS}."
         ),
+        *([stop_after] if stop_after is not None else []),
         *_tensorboard(run_out / LOG_DIR),
         *callbacks,
     ]
-    if resuming:
+    if resuming == "light":
+        print(f"Resuming the run in {run_out} after epoch {initial_epoch} from its light "
+              "state (weights and schedule position; the optimizer's momentum restarts "
+              "from zero).")
+    elif resuming:
         print(f"Resuming the run in {run_out} from its last finished epoch.")
     started = time.time()
-    net.fit(train_ds, validation_data=val_ds, epochs=recipe["epochs"],
-            callbacks=run_callbacks, verbose=verbose, shuffle=False)
+    if on_device is not None:
+        from keras_newton.training.on_device import fit_on_device
+
+        fit_on_device(net, train_ds, val_ds, epochs=recipe["epochs"], callbacks=run_callbacks,
+                      verbose=verbose, initial_epoch=initial_epoch, **on_device)
+    else:
+        net.fit(train_ds, validation_data=val_ds, epochs=recipe["epochs"],
+                callbacks=run_callbacks, verbose=verbose, shuffle=False,
+                initial_epoch=initial_epoch)
     rows = cb.read_history(run_out)
     best = json.loads((run_out / cb.BEST_JSON).read_text())
-    net.load_weights(run_out / cb.BEST_WEIGHTS)
+    if stop_after is None or not stop_after.paused:
+        light_state.load_model_weights(net, run_out / cb.BEST_WEIGHTS)
     return rows, best, started
 
 
@@ -128,7 +163,8 @@ def default_out(model, dataset, augment):
 
 
 def _check_out(out, config, overwrite):
-    """Refuses to mix runs in one folder; returns True when resuming a backup."""
+    """Refuses to mix runs in one folder; returns how the run resumes: ``"backup"``,
+    ``"light"`` (`light_state.resume_kind`) or None (a new run)."""
     config_path = out / CONFIG_JSON
     if overwrite:
         for name in RUN_FILES:
@@ -137,13 +173,13 @@ def _check_out(out, config, overwrite):
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-        return False
+        return None
     if not config_path.exists():
-        return False
+        return None
     old = json.loads(config_path.read_text())
     # The source may move; its content (data_key) must not change.
     changed = sorted(k for k in set(old) | set(config)
-                     if k != "data" and old.get(k) != config.get(k))
+                     if k not in EXECUTION_KEYS and old.get(k) != config.get(k))
     if changed:
         raise ValueError(
             f"The output folder holds a run with other settings ({', '.join(changed)}); use "
@@ -156,7 +192,7 @@ def _check_out(out, config, overwrite):
             "The output folder holds a completed run of these settings; use another --out "
             f"or --overwrite to train again. Received: out={str(out)!r}"
         )
-    return (out / BACKUP_DIR).exists()
+    return light_state.resume_kind(out)
 
 
 def _split_data(dataset, data, recipe, limit, seed, cache_dir):
@@ -190,11 +226,17 @@ def _streaming_pipelines(data, recipe, limit, seed):
     return train_ds, val_ds, n_train, n_val, class_names, preprocessing, (size, size)
 
 
-def _in_memory_pipelines(dataset, data, recipe, limit, seed, cache_dir, norm_mode):
+def _in_memory_pipelines(dataset, data, recipe, limit, seed, cache_dir, norm_mode,
+                         arrays=False):
+    """The training and validation pipelines; with ``arrays``, the uint8 ``(images,
+    labels)`` themselves (`on_device.fit_on_device`)."""
     (x_train, y_train), (x_val, y_val), class_names = _split_data(
         dataset, data, recipe, limit, seed, cache_dir
     )
     preprocessing = normalization(norm_mode, x_train)
+    if arrays:
+        return ((x_train, y_train), (x_val, y_val), len(y_train), len(y_val), class_names,
+                preprocessing, tuple(x_train.shape[1:3]))
     batch = recipe["batch_size"]
     train_ds = batches(x_train, y_train, batch, preprocessing["mean"], preprocessing["std"],
                        training=True, augment=recipe["augment"], seed=seed)
@@ -210,6 +252,108 @@ def _test_split(dataset, data, cache_dir):
     if data is None or "test" in available_splits(dataset, data, cache_dir):
         return load_dataset(dataset, data, "test", cache_dir)
     return None
+
+
+def _resume_position(net, run_out, resuming, steps_per_epoch):
+    """``(epochs done, light state or None)``; loads a light state's weights into ``net``
+    (built, not compiled: set ``optimizer.iterations`` to its ``iterations`` after
+    compiling)."""
+    if resuming == "light":
+        restored = light_state.restore(net, run_out)
+        if restored["steps_per_epoch"] != steps_per_epoch:
+            raise ValueError(
+                f"The light state was written with {restored['steps_per_epoch']} steps per "
+                f"epoch, this run has {steps_per_epoch}. Received: out={str(run_out)!r}")
+        return restored["epochs_done"], restored
+    if resuming == "backup":
+        return light_state.backup_epoch(run_out) or 0, None
+    return 0, None
+
+
+def _device_name():
+    """``"gpu"``, ``"tpu"`` or ``"cpu"``: where this process trains."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.default_backend()
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return "gpu" if tf.config.list_logical_devices("GPU") else "cpu"
+    return "cpu"
+
+
+def _check_positive(name, value, kind=(int, float)):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, kind)
+                              or not value > 0):
+        noun = "integer" if kind is int else "number of seconds"
+        raise ValueError(f"`{name}` must be a positive {noun} or None. "
+                         f"Received: {name}={value!r}")
+
+
+def _settings(model, dataset, augment, limit, time_budget, overrides):
+    """Checks the run's settings; ``(model name, dataset, builder, has dropout, recipe)``."""
+    model_name = canonical_name(model)
+    if model_name in TEXT_MODELS:
+        raise ValueError(f"{model_name} is a text model: train it with "
+                         "keras_newton.training.text.train_text (or `keras-newton train` with "
+                         f"a text dataset). Received: model={model!r}")
+    dataset = canonical_dataset(dataset)
+    builder = MODELS[model_name]
+    has_dropout = "dropout_rate" in inspect.signature(builder).parameters
+    if not has_dropout and overrides.get("dropout") is not None:
+        raise ValueError(f"{model_name} has no dropout layers. "
+                         f"Received: dropout={overrides['dropout']!r}")
+    recipe = get_recipe(dataset, augment, **overrides)
+    if not has_dropout:
+        recipe["dropout"] = None
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"`limit` must be a positive integer. Received: limit={limit!r}")
+    _check_positive("time_budget", time_budget)
+    if time_budget is not None and recipe["schedule"] == "cosine":
+        raise ValueError("`time_budget` plans the run's length again after each epoch, "
+                         "which would change the lr of the cosine schedule's past epochs: "
+                         "give the cosine schedule its --epochs (and --stop-after to pause "
+                         f"a call). Received: time_budget={time_budget!r}, schedule='cosine'")
+    return model_name, dataset, builder, has_dropout, recipe
+
+
+def _source(data, dataset):
+    if data is not None:
+        return check_source(data)
+    if DATASETS[dataset]["tfds"] is None:
+        raise ValueError(f"Dataset {dataset!r} needs a local folder or archive of "
+                         "split/<class>/<image> files. Received: data=None")
+    return None
+
+
+def _config(model_name, dataset, data, limit, seed, recipe, time_budget):
+    return {
+        "model": model_name, "dataset": dataset,
+        # The source by name and content, not by this machine's path.
+        "data": data.name if data is not None else None,
+        "data_key": source_key(data) if data is not None else None,
+        "limit": limit, "seed": seed, **recorded_recipe(recipe),
+        # Only when set, so that runs from before the option still resume.
+        **({"time_budget": time_budget} if time_budget is not None else {}),
+    }
+
+
+def new_run_config(out, model, dataset, data=None, augment=False, limit=None, seed=0,
+                   time_budget=None, **overrides):
+    """Writes the ``config.json`` of a new run into ``out`` and returns it, training
+    nothing: a run prepared here to start elsewhere (``keras-newton train --resume``).
+    Arguments as in `train`; ``out`` must not hold a run yet."""
+    model_name, dataset, _, _, recipe = _settings(model, dataset, augment, limit, time_budget,
+                                                  overrides)
+    config = _config(model_name, dataset, _source(data, dataset), limit, seed, recipe,
+                     time_budget)
+    out = Path(out)
+    if (out / CONFIG_JSON).exists():
+        raise ValueError(f"The output folder holds a run already. Received: out={str(out)!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_JSON).write_text(json.dumps(config, indent=1))
+    return config
 
 
 def train(
@@ -229,6 +373,9 @@ def train(
     cache_dir=None,
     mixed_precision=False,
     time_budget=None,
+    on_device=False,
+    steps_per_execution=1,
+    stop_after=None,
     **overrides,
 ):
     """Trains a registered model on a dataset with the paper's recipe, resumably.
@@ -236,12 +383,16 @@ def train(
     Rerunning the same call after an interruption resumes at the next epoch with the
     weights and optimizer state of the last finished one (``BackupAndRestore`` in
     ``out/backup``); the position inside the interrupted epoch is not restored, that
-    epoch is run again (freshly shuffled). The output folder receives
-    ``config.json``, ``preprocessing.json`` (mean/std, class names), ``history.csv``,
-    ``best.weights.h5`` (lowest validation error), ``best.json``, ``curves.png``,
-    TensorBoard ``logs/``, and at the end ``model.keras`` (best weights) and
-    ``summary.json``. In a multi-worker run only the chief writes there; the other
-    workers write under ``out/workers/worker<i>``.
+    epoch is run again (freshly shuffled). A run folder without a backup but with a
+    light state (``last.weights.h5``, ``state.json``: written after every epoch, see
+    `light_state`; e.g. copied from another machine) resumes from it: the weights and
+    the schedule's position, the optimizer's momentum restarting from zero. The output
+    folder receives ``config.json``, ``preprocessing.json`` (mean/std, class names),
+    ``history.csv``, ``best.weights.h5`` (lowest validation error), ``best.json``,
+    ``curves.png``, the light state and ``legs.json`` (one entry per call), TensorBoard
+    ``logs/``, and at the end ``model.keras`` (best weights) and ``summary.json``. In a
+    multi-worker run only the chief writes there; the other workers write under
+    ``out/workers/worker<i>``.
 
     Args:
         model: a name of ``keras_newton.models.MODELS`` (``"newton_cgnet_56"`` works).
@@ -260,14 +411,25 @@ def train(
         command: the command line, recorded in the summary.
         cache_dir: cache root for local sources.
         mixed_precision: build the model with the ``"mixed_bfloat16"`` policy (bf16
-            compute, float32 variables and classifier), for GPUs.
+            compute, float32 variables and classifier), for GPUs. It may differ between
+            the calls of one run (recorded per call in ``legs.json``).
         time_budget: seconds this call may take (data loading included): the epochs that
             fit (planned after epoch 2 and again until the first milestone, at most
             ``epochs``) set the run's length and lr milestones (`callbacks.TimeBudget`;
-            kept when resumed).
+            kept when resumed). Not with ``schedule="cosine"``.
+        on_device: JAX: the uint8 training and validation images on the device, the
+            augmentation and normalisation inside the compiled step
+            (`on_device.fit_on_device`); one device, in-memory datasets.
+        steps_per_execution: training steps per compiled call (``Model.compile``'s; on
+            the device path see `on_device.execution_length`).
+        stop_after: seconds this call may take (data loading included): the run pauses
+            after the last epoch that fits (`callbacks.StopAfter`), keeping its backup and
+            light state, without changing its length or schedule; the same call continues
+            it. Returns a summary with ``status="paused"`` and writes no ``summary.json``.
         **overrides: recipe values (``lr``, ``batch_size``, ``epochs``,
             ``weight_decay``, ``dropout``, ``momentum``, ``nesterov``, ``lr_milestones``,
-            ``lr_factor``, ``warmup_epochs``, ``val_size``, ``train_split``).
+            ``lr_factor``, ``warmup_epochs``, ``warmup``, ``schedule``,
+            ``label_smoothing``, ``val_size``, ``train_split``).
 
     Returns:
         The run summary (also written to ``out/summary.json``).
@@ -277,51 +439,35 @@ def train(
         LossDivergedError: when the loss becomes NaN or Inf.
     """
     called = time.monotonic()
-    model_name = canonical_name(model)
-    if model_name in TEXT_MODELS:
-        raise ValueError(f"{model_name} is a text model: train it with "
-                         "keras_newton.training.text.train_text (or `keras-newton train` with "
-                         f"a text dataset). Received: model={model!r}")
-    dataset = canonical_dataset(dataset)
+    model_name, dataset, builder, has_dropout, recipe = _settings(
+        model, dataset, augment, limit, time_budget, overrides)
     spec = DATASETS[dataset]
-    builder = MODELS[model_name]
-    has_dropout = "dropout_rate" in inspect.signature(builder).parameters
-    if not has_dropout and overrides.get("dropout") is not None:
-        raise ValueError(f"{model_name} has no dropout layers. "
-                         f"Received: dropout={overrides['dropout']!r}")
-    recipe = get_recipe(dataset, augment, **overrides)
-    if not has_dropout:
-        recipe["dropout"] = None
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"`limit` must be a positive integer. Received: limit={limit!r}")
-    if time_budget is not None and (isinstance(time_budget, bool) or not isinstance(
-            time_budget, (int, float)) or not time_budget > 0):
-        raise ValueError("`time_budget` must be a positive number of seconds or None. "
-                         f"Received: time_budget={time_budget!r}")
+    _check_positive("stop_after", stop_after)
+    _check_positive("steps_per_execution", steps_per_execution, int)
     if time_budget is not None and distribute == "multiworker":
         raise ValueError("`time_budget` needs one process: each worker would time its own "
                          "epochs and pick its own run length. Received: time_budget="
                          f"{time_budget!r}, distribute='multiworker'")
+    if on_device and keras.backend.backend() != "jax":
+        raise ValueError("`on_device` (data on the accelerator, augmentation in the compiled "
+                         "step) needs the JAX backend (KERAS_BACKEND=jax). Received: "
+                         f"on_device=True, backend={keras.backend.backend()!r}")
+    if on_device and spec.get("streaming"):
+        raise ValueError(f"`on_device` needs an in-memory dataset; {dataset} is streamed. "
+                         f"Received: on_device=True, dataset={dataset!r}")
 
-    if data is not None:
-        data = check_source(data)
-    elif spec["tfds"] is None:
-        raise ValueError(f"Dataset {dataset!r} needs a local folder or archive of "
-                         "split/<class>/<image> files. Received: data=None")
+    data = _source(data, dataset)
 
     # First, before any other TensorFlow op (MultiWorkerMirroredStrategy requires it).
     dist = get_distribution(distribute)
+    if on_device and dist.num_replicas > 1:
+        raise ValueError(f"`on_device` trains on one device; this distribution has "
+                         f"{dist.num_replicas} replicas: use one model per device "
+                         "(--distribute none). Received: on_device=True, "
+                         f"distribute={distribute!r}")
     run_out = _run_folder(dist, recipe, Path(out) if out is not None
                           else default_out(model_name, dataset, augment))
-    config = {
-        "model": model_name, "dataset": dataset,
-        "data": str(data.resolve()) if data is not None else None,
-        "data_key": source_key(data) if data is not None else None,
-        "limit": limit, "seed": seed, **recorded_recipe(recipe),
-        # Only when set, so that runs from before the option still resume.
-        **({"mixed_precision": True} if mixed_precision else {}),
-        **({"time_budget": time_budget} if time_budget is not None else {}),
-    }
+    config = _config(model_name, dataset, data, limit, seed, recipe, time_budget)
     resuming = _check_out(run_out, config, overwrite)
 
     keras.utils.set_random_seed(seed)
@@ -329,7 +475,7 @@ def train(
         pipelines = _streaming_pipelines(data, recipe, limit, seed)
     else:
         pipelines = _in_memory_pipelines(dataset, data, recipe, limit, seed, cache_dir,
-                                         spec["normalization"])
+                                         spec["normalization"], arrays=on_device)
     train_ds, val_ds, n_train, n_val, class_names, norm, image_size = pipelines
     steps_per_epoch = n_train // recipe["batch_size"]
     if steps_per_epoch < 1:
@@ -357,13 +503,32 @@ def train(
                           weight_decay=recipe["weight_decay"], **kwargs)
         finally:
             keras.config.set_dtype_policy(policy)
-        compile_for_recipe(net, recipe, steps_per_epoch, per_epoch_lr=time_budget is not None)
+        initial_epoch, restored = _resume_position(net, run_out, resuming, steps_per_epoch)
+        compile_for_recipe(net, recipe, steps_per_epoch, per_epoch_lr=time_budget is not None,
+                           steps_per_execution=1 if on_device else steps_per_execution)
+        if restored is not None:
+            net.optimizer.iterations.assign(restored["iterations"])
         if dist.kind == "multiworker":
             fix_multiworker_build(net)
+        if dist.is_chief:
+            light_state.append_leg(run_out, {
+                "first_epoch": initial_epoch + 1, "resumed_from": resuming or "start",
+                "backend": keras.backend.backend(), "device": _device_name(),
+                "mixed_precision": bool(mixed_precision), "on_device": bool(on_device)})
+        pause = cb.StopAfter(stop_after, start=called) if stop_after else None
         rows, best, started = _fit_best(
             net, train_ds, val_ds, recipe, run_out, f"{model_name} on {dataset} "
             f"({recipe['recipe']})", callbacks, resuming, verbose,
-            cb.TimeBudget(recipe, time_budget, run_out, start=called) if time_budget else None)
+            cb.TimeBudget(recipe, time_budget, run_out, start=called) if time_budget else None,
+            initial_epoch=0 if resuming == "backup" else initial_epoch, stop_after=pause,
+            steps_per_epoch=steps_per_epoch,
+            on_device={"mean": mean, "std": std, "batch_size": batch,
+                       "augment": recipe["augment"], "seed": seed,
+                       "steps_per_execution": steps_per_execution} if on_device else None)
+        if pause is not None and pause.paused:
+            return {"status": "paused", "model": model_name, "epochs": len(rows),
+                    "planned_epochs": recipe["epochs"], "best_val_accuracy": best["value"],
+                    "best_epoch": best["epoch"], "out": str(run_out)}
         test_accuracy = None
         test = _test_split(dataset, data, cache_dir) if evaluate_test else None
         if test is not None:
@@ -395,12 +560,14 @@ def train(
         "wall_seconds_this_session": round(time.time() - started, 1),
         "params": int(net.count_params()),
         "mixed_precision": bool(mixed_precision),
+        "on_device": bool(on_device),
         "time_budget": time_budget,
         "distribute": dist.kind,
         "replicas": dist.num_replicas,
         "backend": keras.backend.backend(),
         "keras_version": keras.__version__,
         "command": command,
+        "legs": light_state.read_legs(run_out),
     }
     (run_out / SUMMARY_JSON).write_text(json.dumps(summary, indent=1))
     return summary

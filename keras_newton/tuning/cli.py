@@ -7,7 +7,9 @@ import argparse
 import sys
 
 HELP = ("Search Newton-CGNet or ResNet hyperparameters with KerasTuner (bayesian, hyperband, "
-        "random), or reproduce the paper's Figure 4 (--preset figure4); rerun to resume.")
+        "random), or reproduce the paper's Figure 4 (--preset figure4); rerun to resume. "
+        "With KERASTUNER_TUNER_ID, KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT set, the "
+        "same command runs as KerasTuner's chief (tuner id 'chief') or as a worker.")
 
 # flag, space key, help
 _SPACE_FLAGS = (
@@ -80,6 +82,12 @@ def add_arguments(parser):
     parser.add_argument("--distribute", default="auto", choices=("auto", "none", "mirrored"),
                         help="auto: MirroredStrategy when several GPUs (passed to the tuner "
                              "as distribution_strategy)")
+    parser.add_argument("--max-retries", type=int, default=0,
+                        help="reruns of a trial that crashed or whose worker was lost before "
+                             "it is marked FAILED (KerasTuner's max_retries_per_trial; 0)")
+    parser.add_argument("--worker-timeout", type=float, default=60,
+                        help="distributed search (KERASTUNER_* variables set): seconds without "
+                             "news from a worker before the chief gives its trial up (60)")
     parser.add_argument("--seed", type=int, default=0, help="seed (0)")
     parser.add_argument("--verbose", default="auto", type=lambda v: v if v == "auto" else int(v),
                         help="Keras progress output: auto, 0, 1, 2")
@@ -108,7 +116,8 @@ def run(args):
              if getattr(args, key) is not None}
     common = dict(dataset=args.dataset, data=args.data, epochs=args.epochs,
                   subset=args.subset, val_size=args.val_size, overwrite=args.overwrite,
-                  distribute=args.distribute, seed=args.seed, verbose=args.verbose)
+                  distribute=args.distribute, seed=args.seed, verbose=args.verbose,
+                  max_retries=args.max_retries, worker_timeout=args.worker_timeout)
     if args.preset == "figure4":
         from keras_newton.tuning.figure4 import FIGURE4_LRS, FIGURE4_WDS, figure4
 
@@ -133,6 +142,11 @@ def run(args):
             directory=args.directory or f"runs/tune_{args.family}_{args.dataset}",
             space=space or None, augment=bool(args.augment), final_epochs=args.final_epochs,
             **common)
+    if summary["role"] == "worker":
+        print(f"Worker {summary['tuner_id']} ({summary['distribute']}, {summary['replicas']} "
+              f"replica(s)): ran trial(s) {summary['trials_run']}; the chief writes the "
+              "results, plot and best model.")
+        return 0
     print(format_table(summary["rows"]))
     print(f"best trial {summary['best_trial']}: validation accuracy "
           f"{summary['best_val_accuracy']:.4f} with {summary['best_hyperparameters']}")

@@ -1,0 +1,44 @@
+"""Reading the files a user hands to keras-newton (JSON cards, ``.weights.h5``).
+
+Every failure -- a missing file, a folder, bytes that are not what was expected -- is a
+ValueError that names the file and says what was expected; the command line prints it
+as one line (``keras-newton <command>: error: ...``). Images and image archives are read
+by `keras_newton.data.image_folder`, which does the same.
+"""
+
+import json
+from pathlib import Path
+
+
+def _one_line(error):
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def read_json(path, what="JSON file"):
+    """The parsed content of the JSON file ``path``; ``what`` names it in errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"The {what} {str(path)!r} does not exist"
+                         f"{' (it is a folder)' if path.is_dir() else ''}.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"The {what} {str(path)!r} is not valid JSON ({_one_line(e)}); it "
+                         "may be truncated or corrupt.") from e
+
+
+def load_weights(model, path):
+    """``model.load_weights(path)``; a ValueError naming the file when it does not fit.
+
+    h5py raises OSError for a truncated or non-HDF5 file, Keras ValueError or KeyError
+    for weights of another architecture.
+    """
+    try:
+        model.load_weights(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(
+            f"Could not load the weights file {str(path)!r} into {model.name!r} "
+            f"({type(e).__name__}: {_one_line(e)}); expected a Keras `.weights.h5` file "
+            "saved from this architecture (it may be truncated or corrupt)."
+        ) from e
+    return model
