@@ -92,6 +92,7 @@ print("RESULTS " + json.dumps({k: s[k] for k in ("distribute", "replicas", "back
 """
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_jax_data_parallel_on_two_devices(tmp_path):
     make_image_tree(tmp_path / "images", per_class={"train": 12})
@@ -115,6 +116,7 @@ def free_ports(count):
     return ports
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 @tf_only
 def test_multiworker_two_processes_on_localhost(tmp_path):

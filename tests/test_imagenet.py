@@ -60,6 +60,7 @@ def test_newton_stage_structure(models):
     assert not any(n.startswith("stage3_block") for n in names)
 
 
+@pytest.mark.jax_heavy
 @pytest.mark.backend_agnostic
 @pytest.mark.parametrize("builder", [NewtonCGNet34, ResNet34])
 def test_forward_at_224(builder, rng):
@@ -73,6 +74,8 @@ def test_forward_at_224(builder, rng):
     assert builder(include_top=False, input_shape=(64, 64, 3)).output_shape == (None, 2, 2, 512)
 
 
+@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.backend_agnostic
 def test_keras_file_round_trip_in_fresh_process(tmp_path, rng):
     model = get_model("newton_cgnet_34", input_shape=(64, 64, 3), classes=10,

@@ -157,6 +157,7 @@ def _dropout_sgd_step(x, y):
     return [a - b for a, b in zip(start, model.get_weights(), strict=True)]
 
 
+@pytest.mark.jax_heavy
 def test_recomputed_dropout_gives_autodiff_gradients(rng, monkeypatch):
     """The backward pass recomputes the dropped tensors with the forward pass's masks:
     same gradients as plain autodiff that stores them (``keras.remat`` disabled)."""
@@ -187,6 +188,7 @@ def test_config_round_trip(cls, kwargs):
     assert keras.saving.get_registered_name(cls) == f"keras_newton>{cls.__name__}"
 
 
+@pytest.mark.jax_heavy
 def test_keras_file_round_trip_in_fresh_process(tmp_path, rng):
     inputs = keras.Input((16, 16, 3))
     x = NewtonCGBlock(2, 8, strides=2, dropout_rate=0.2)(inputs)

@@ -71,6 +71,7 @@ def test_applications_contract(builder):
     assert logits.min() < 0  # raw logits, not probabilities
 
 
+@pytest.mark.jax_heavy
 def test_weights_from_path_and_keras_round_trip(tmp_path, rng):
     model = kn.NewtonCGNet10(dropout_rate=0.2)
     for w in model.weights:
@@ -121,13 +122,22 @@ def test_bad_input(call, match):
         call()
 
 
-def test_cli_models_table(capsys):
+def test_cli_models_table(capsys, monkeypatch):
+    from keras_newton import models
     from keras_newton.cli import main
 
+    # One builder of each kind (every builder is built by the tests of its family).
+    kinds = ("newton_cgnet82", "resnet20", "quasi_newton46_m3", "newton_cgnet_text")
+    monkeypatch.setattr(models, "MODELS", {k: models.MODELS[k] for k in kinds})
     assert main(["models"]) == 0
-    out = capsys.readouterr().out
-    row = next(line for line in out.splitlines() if line.startswith("newton_cgnet82 "))
-    assert "2.62M" in row and "82" in row.split()[1]
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
+            if line.split() and line.split()[0] in kinds}
+    assert list(rows) == list(kinds)
+    depth, params, paper = rows["newton_cgnet82"][1:4]
+    assert depth == "82" and paper == "2.62M"  # Table 3
+    assert abs(int(params.replace(",", "")) / 2.62e6 - 1) < 0.01
+    assert rows["resnet20"][1:2] == ["20"] and rows["quasi_newton46_m3"][1] == "46"
+    assert rows["newton_cgnet_text"][1] == "-"  # no depth in the name
 
 
 def _channels_first_conv_runs():

@@ -158,6 +158,7 @@ def test_dropout_acts_only_in_training(rng):
     assert not np.allclose(arr(block(x, training=True)), arr(plain(x, training=True)))
 
 
+@pytest.mark.jax_heavy
 def test_every_kernel_gets_a_gradient(rng):
     """One plain-SGD step moves every kernel (W0..W3, the projection) and BN parameter."""
     inputs = keras.Input((8, 8, 4))
@@ -184,6 +185,7 @@ def test_config_round_trip():
     assert kn.QuasiNewtonBlock is QuasiNewtonBlock
 
 
+@pytest.mark.jax_heavy
 @pytest.mark.parametrize("spec,params,last", [
     pytest.param("11-{2}", 127_546, 1, marks=pytest.mark.slow),
     pytest.param("56-{2}", 860_026, 6, marks=[pytest.mark.slow, pytest.mark.heavy]),

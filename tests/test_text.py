@@ -207,6 +207,7 @@ def test_short_sequences_without_top_are_allowed():
         vdcnn(10)
 
 
+@pytest.mark.jax_heavy
 @agnostic
 def test_keras_file_round_trip_in_fresh_process(tmp_path, rng):
     model = newton_cgnet_text(sequence_length=64, hidden_units=16, dropout_rate=0.1)

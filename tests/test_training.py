@@ -233,6 +233,8 @@ def test_time_budget_stops_before_an_epoch_that_would_not_fit(tmp_path, monkeypa
     assert len(lrs) == 4 and clock.now == 80
 
 
+@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.backend_agnostic  # the GPU script trains with JAX
 def test_train_with_a_time_budget(tiny, tmp_path):
     summary = train(**tiny_run(tiny, tmp_path / "run", epochs=4), time_budget=3600)
@@ -603,6 +605,7 @@ class StartState(keras.callbacks.Callback):
 
 
 @pytest.mark.slow  # three calls of `train`
+@pytest.mark.heavy
 @pytest.mark.backend_agnostic
 def test_light_state_resumes_elsewhere_without_momentum(tiny, tmp_path, capsys):
     """Two calls paused by --stop-after (the second resumes the backup), a snapshot, and
@@ -657,6 +660,8 @@ def test_light_state_resumes_elsewhere_without_momentum(tiny, tmp_path, capsys):
     assert not (moved / "SHA256SUMS").exists()  # it described the state it resumed from
 
 
+@pytest.mark.slow
+@pytest.mark.heavy
 def test_light_state_is_checked_and_a_newer_one_wins(tiny, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="killed after epoch 1"):
@@ -675,6 +680,8 @@ def test_light_state_is_checked_and_a_newer_one_wins(tiny, tmp_path):
     assert (out / "backup.old").exists() and not (out / "backup").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.heavy
 def test_resume_flag_takes_the_settings_from_config(tiny, tmp_path, capsys):
     """A folder holding only a config.json (a run created for another machine) starts with
     `--resume`; later calls continue it; --data is checked by content."""

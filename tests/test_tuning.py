@@ -264,6 +264,8 @@ search(**json.loads(sys.argv[1]), callbacks=[Kill()])
 """
 
 
+@pytest.mark.slow
+@pytest.mark.heavy
 def test_killed_search_resumes_without_redoing_finished_trials(images, tmp_path):
     directory = tmp_path / "search"
     settings = tiny_search(images, directory, max_trials=3, final_epochs=0)
@@ -353,6 +355,7 @@ print("RESULTS " + json.dumps({k: s[k] for k in ("distribute", "replicas", "tria
 """
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                     reason="tf.distribute needs the TensorFlow backend")
@@ -607,6 +610,7 @@ sys.exit(cli.main([*sys.argv[1:], "--distribute", "mirrored"]))
 """
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_chief_and_two_workers_on_loopback(images, tmp_path):
     """`keras-newton tune` unchanged as chief + 2 workers (127.0.0.1), tuner1 under a
@@ -684,6 +688,7 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_killed_worker_does_not_lose_the_search(images, tmp_path):
     """tuner0 is killed (SIGKILL) inside its trial; tuner1 goes on. After
