@@ -159,6 +159,38 @@ def test_batcher_forms_batches_and_splits_exactly():
     assert calls == [1, 3, 2, 5, 1, 4, 8, 1]  # one call per request, in arrival order
 
 
+
+@pytest.mark.parametrize("instances", [2, 3])
+def test_batcher_instances_overlap_up_to_their_count(instances):
+    """With N instances at most N calls run at once (here exactly N while work waits),
+    and every request still gets its own rows."""
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def fn(x):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return x + 1
+
+    async def scenario():
+        batcher = DynamicBatcher(fn, max_batch=2, max_delay=0.0, instances=instances)
+        await batcher.start()
+        try:
+            xs = [np.full((1, 3), i, np.float32) for i in range(4 * instances)]
+            ys = await asyncio.wait_for(asyncio.gather(*[batcher.submit(x) for x in xs]), 30)
+        finally:
+            await batcher.stop()
+        for x, y in zip(xs, ys, strict=True):
+            np.testing.assert_array_equal(y, x + 1)
+
+    asyncio.run(scenario())
+    assert peak[0] == instances
+    with pytest.raises(ValueError, match="instances"):
+        DynamicBatcher(fn, instances=0)
+
 # ------------------------------------------------------------------ zoo ONNX, Triton repo
 def test_zoo_onnx_files_are_current(tmp_path):
     """Every zoo entry has its ONNX export in zoo/, made from the registered weights."""

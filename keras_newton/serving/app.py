@@ -69,7 +69,7 @@ async def _read_body(request, limit):
     return b"".join(chunks)
 
 
-def create_app(model, max_delay=0.002, batching=True, max_body=DEFAULT_MAX_BODY):
+def create_app(model, max_delay=0.002, batching=True, max_body=DEFAULT_MAX_BODY, instances=1):
     """The ASGI application serving ``model`` (a `ServedModel`).
 
     Args:
@@ -77,11 +77,12 @@ def create_app(model, max_delay=0.002, batching=True, max_body=DEFAULT_MAX_BODY)
         max_delay: seconds a request may wait for others to join its batch.
         batching: False runs every request as its own ONNX Runtime call.
         max_body: largest request body in bytes.
+        instances: ONNX Runtime calls that may run at once (Triton's instance count).
     """
     from keras_newton import __version__
 
     batcher = DynamicBatcher(model.run, max_batch=model.max_batch, max_delay=max_delay,
-                             batching=batching)
+                             batching=batching, instances=instances)
     state = {"ready": False}
 
     def check_model(request):
@@ -128,7 +129,7 @@ def create_app(model, max_delay=0.002, batching=True, max_body=DEFAULT_MAX_BODY)
 
         check_model(request)
         return _json(model_config(model.classifier, model.name, model.max_batch,
-                                  max_delay if batching else None))
+                                  max_delay if batching else None, instances=instances))
 
     async def model_stats(request):
         """Triton's statistics extension (the subset this server measures)."""

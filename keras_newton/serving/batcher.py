@@ -20,25 +20,33 @@ class DynamicBatcher:
 
     A batch starts with the oldest waiting request and takes the next ones in arrival
     order while they fit in ``max_batch`` images; it runs once it is full or once its
-    oldest request has waited ``max_delay`` seconds. While a batch runs, new requests
-    queue, so a busy server forms large batches without waiting at all. Each request gets
-    back exactly its own rows of ``fn``'s output. ``fn`` runs in one worker thread (ONNX
-    Runtime releases the GIL and parallelises inside the call), never two at once.
+    oldest request has waited ``max_delay`` seconds. While every instance is busy, new
+    requests queue, so a busy server forms large batches without waiting at all. Each
+    request gets back exactly its own rows of ``fn``'s output. ``fn`` runs in
+    ``instances`` worker threads (ONNX Runtime releases the GIL), at most one batch per
+    instance at a time, like Triton's ``instance_group { count }``.
 
     Args:
         fn: ``fn(x) -> y`` on a batch ``x [n, ...]``, returning ``y [n, ...]``.
         max_batch: most images per call of ``fn``; a single request may not exceed it.
         max_delay: seconds the oldest request may wait for others (0: none).
         batching: False runs every request alone, in arrival order (the baseline).
+        instances: batches that may run at once (``fn`` must be thread-safe when > 1,
+            as ``onnxruntime.InferenceSession.run`` is).
     """
 
-    def __init__(self, fn, max_batch=32, max_delay=0.002, batching=True):
+    def __init__(self, fn, max_batch=32, max_delay=0.002, batching=True, instances=1):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"`max_batch` must be an integer >= 1. Received: "
                              f"max_batch={max_batch!r}")
         if not max_delay >= 0:
             raise ValueError(f"`max_delay` must be >= 0 seconds. Received: max_delay={max_delay!r}")
+        if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
+            raise ValueError(f"`instances` must be an integer >= 1. Received: "
+                             f"instances={instances!r}")
         self.fn, self.max_batch, self.max_delay, self.batching = fn, max_batch, max_delay, batching
+        self.instances = instances
+        self._running = set()  # tasks of the batches in flight
         self._pending = collections.deque()
         self._pending_images = 0
         self._wakeup = None
@@ -50,7 +58,8 @@ class DynamicBatcher:
 
     async def start(self):
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="keras-newton-batcher")
+        self._executor = ThreadPoolExecutor(self.instances,
+                                            thread_name_prefix="keras-newton-batcher")
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self):
@@ -61,6 +70,8 @@ class DynamicBatcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
         for item in self._pending:
             if not item.future.done():
                 item.future.set_exception(RuntimeError("the server is shutting down"))
@@ -108,8 +119,9 @@ class DynamicBatcher:
                 "batches": {n: (c, self.batch_ns[n]) for n, c in sorted(self.batches.items())}}
 
     async def _run(self):
-        loop = asyncio.get_running_loop()
+        free = asyncio.Semaphore(self.instances)
         while True:
+            await free.acquire()  # the next batch forms while every instance is busy
             while not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -126,21 +138,31 @@ class DynamicBatcher:
                         break
             items = self._take()
             if not items:
+                free.release()
                 continue
-            x = items[0].x if len(items) == 1 else np.concatenate([i.x for i in items])
-            try:
-                y, ns = await loop.run_in_executor(self._executor, self._timed, x)
-            except Exception as e:  # noqa: BLE001  (handed to every waiting request)
-                for item in items:
-                    if not item.future.done():
-                        item.future.set_exception(e)
-                continue
-            self.batches[len(x)] += 1
-            self.batch_ns[len(x)] += ns
-            self.requests += len(items)
-            start = 0
+            task = asyncio.get_running_loop().create_task(self._execute(items, free))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _execute(self, items, free):
+        """Runs one batch in an instance's thread and hands each request its rows."""
+        x = items[0].x if len(items) == 1 else np.concatenate([i.x for i in items])
+        try:
+            y, ns = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._timed, x)
+        except Exception as e:  # noqa: BLE001  (handed to every waiting request)
             for item in items:
-                stop = start + len(item.x)
                 if not item.future.done():
-                    item.future.set_result(y[start:stop])
-                start = stop
+                    item.future.set_exception(e)
+            return
+        finally:
+            free.release()
+        self.batches[len(x)] += 1
+        self.batch_ns[len(x)] += ns
+        self.requests += len(items)
+        start = 0
+        for item in items:
+            stop = start + len(item.x)
+            if not item.future.done():
+                item.future.set_result(y[start:stop])
+            start = stop

@@ -20,14 +20,18 @@ def add_arguments(parser):
                              "(default 2 ms)")
     parser.add_argument("--no-batching", action="store_true",
                         help="run every request as its own ONNX Runtime call")
-    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per call "
+                        "(default: ONNX Runtime's choice, one per core)")
+    parser.add_argument("--instances", type=int, default=1,
+                        help="batches that run at once, as Triton's instance_group count "
+                             "(default 1); on a CPU, --instances 2 --threads 1 can beat one "
+                             "call over two cores (see benchmarks/README.md)")
     parser.add_argument("--max-body-mb", type=float, default=16.0,
                         help="largest request body in MiB (default 16)")
     parser.add_argument("--access-log", action="store_true", help="log every request")
 
 
 def run(args):
-    import asyncio
     import socket
     import sys
 
@@ -44,12 +48,16 @@ def run(args):
         raise ValueError(f"--max-batch must be >= 1. Received: max_batch={args.max_batch}")
     if args.max_delay_ms < 0:
         raise ValueError(f"--max-delay-ms must be >= 0. Received: {args.max_delay_ms}")
+    if args.instances < 1:
+        raise ValueError(f"--instances must be >= 1. Received: instances={args.instances}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1. Received: threads={args.threads}")
     if not args.max_body_mb > 0:
         raise ValueError(f"--max-body-mb must be > 0. Received: {args.max_body_mb}")
     path = resolve_onnx(args.model, args.onnx)
     model = ServedModel(path, name=args.name, max_batch=args.max_batch, threads=args.threads)
     app = create_app(model, max_delay=args.max_delay_ms / 1000, batching=not args.no_batching,
-                     max_body=int(args.max_body_mb * (1 << 20)))
+                     max_body=int(args.max_body_mb * (1 << 20)), instances=args.instances)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -61,11 +69,13 @@ def run(args):
     port = sock.getsockname()[1]
     batching = ("off" if args.no_batching else
                 f"up to {args.max_batch} images within {args.max_delay_ms:g} ms")
+    if args.instances > 1:
+        batching += f"; {args.instances} instances"
     print(f"keras-newton serve: model {model.name!r} ({path}) on http://{args.host}:{port} "
           f"(Open Inference Protocol v2; dynamic batching {batching})", flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=args.access_log,
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
-    asyncio.run(server.serve(sockets=[sock]))
+    server.run(sockets=[sock])  # on uvloop where installed (uvicorn[standard])
     print("keras-newton serve: stopped", file=sys.stderr, flush=True)
     return 0

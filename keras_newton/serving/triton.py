@@ -47,7 +47,8 @@ def _tensors(values, max_batch, what):
     return out
 
 
-def model_config(classifier, name, max_batch=32, max_delay=0.002, probabilities=True):
+def model_config(classifier, name, max_batch=32, max_delay=0.002, probabilities=True,
+                 instances=None):
     """Triton's model configuration (as the JSON of its ``/config`` endpoint) for a graph.
 
     Args:
@@ -58,6 +59,7 @@ def model_config(classifier, name, max_batch=32, max_delay=0.002, probabilities=
             None leaves dynamic batching out.
         probabilities: list a ``probabilities`` output too, when the graph lacks one (the
             server computes it; `write_model_repository` adds it to the graph).
+        instances: ``instance_group``'s CPU instance count (None leaves it out).
     """
     session = classifier.session
     outputs = _tensors(session.get_outputs(), max_batch, "output")
@@ -71,6 +73,8 @@ def model_config(classifier, name, max_batch=32, max_delay=0.002, probabilities=
     if max_delay is not None and max_batch > 0:
         config["dynamic_batching"] = {
             "max_queue_delay_microseconds": int(round(max_delay * 1e6))}
+    if instances is not None:
+        config["instance_group"] = [{"count": int(instances), "kind": "KIND_CPU"}]
     return config
 
 
