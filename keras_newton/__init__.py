@@ -23,7 +23,9 @@ _LAYERS = ("CGBlock", "NewtonCGBlock", "QuasiNewtonBlock")
 
 # The modules whose import registers the layers a keras-newton `.keras` file can hold;
 # they import only Keras (and each other), so this is safe while Keras finishes importing.
-_LAYER_MODULES = ("keras_newton.layers", "keras_newton.data.text")  # + CharTokenizer
+_LAYER_MODULES = ("keras_newton.layers", "keras_newton.data.text",  # + CharTokenizer
+                  # a run's compile config: its learning-rate schedule and loss
+                  "keras_newton.training.schedules", "keras_newton.training.losses")
 
 
 def _register_layers():

@@ -554,6 +554,30 @@ def test_label_smoothing_loss_by_hand():
     assert restored.label_smoothing == 0.1
 
 
+def test_run_model_file_loads_with_only_the_package_imported(tmp_path):
+    """A cosine / warm-up / label-smoothing run's ``model.keras`` holds this package's
+    schedule and loss in its compile config: ``import keras_newton`` registers them."""
+    from helpers import run_python
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    recipe = get_recipe("cifar10", augment=True, epochs=4, schedule="cosine", warmup_epochs=1,
+                        warmup="linear", label_smoothing=0.1)
+    compile_for_recipe(model, recipe, steps_per_epoch=2)
+    model.fit(np.ones((4, 4), "float32"), np.arange(4) % 3, batch_size=2, verbose=0)
+    model.save(tmp_path / "model.keras")
+    lr = float(model.optimizer.learning_rate)  # the schedule at step 2 (warm-up ended)
+    out = run_python(
+        "import sys, keras, keras_newton\n"
+        "m = keras.saving.load_model(sys.argv[1])\n"
+        "print(type(m.optimizer._learning_rate).__name__, type(m.loss).__name__, "
+        "int(m.optimizer.iterations), float(m.optimizer.learning_rate))\n",
+        tmp_path / "model.keras")
+    name, loss, step, got_lr = out.split()[-4:]
+    assert (name, loss, step) == ("RecipeSchedule", "SparseCategoricalCrossentropyWithSmoothing",
+                                  "2")
+    assert float(got_lr) == pytest.approx(lr)
+
+
 # --- Pausing, the light state, resuming on another machine -----------------------------
 
 def test_stop_after_pauses_at_the_last_epoch_that_fits(monkeypatch):

@@ -1,12 +1,18 @@
-"""Training with the paper's recipes (Section 4.1.2): resumable, distributed, logged."""
+"""Training with the paper's recipes (Section 4.1.2): resumable, distributed, logged.
 
-from keras_newton.training.callbacks import LossDivergedError, plot_curves, read_history
-from keras_newton.training.distribute import DISTRIBUTE_CHOICES, get_distribution
-from keras_newton.training.recipes import DATASET_RECIPES, RECIPES, get_recipe, recipe_name
-from keras_newton.training.trainer import compile_for_recipe, train
+The names below are imported on first use (`keras_newton._lazy`), so that importing
+``keras_newton.training.schedules`` or ``.losses`` (which `import keras_newton` does, to
+register them for loading a run's ``.keras`` file) imports no more than Keras.
+"""
 
-__all__ = [
-    "DATASET_RECIPES", "DISTRIBUTE_CHOICES", "LossDivergedError", "RECIPES",
-    "compile_for_recipe", "get_distribution", "get_recipe", "plot_curves", "read_history",
-    "recipe_name", "train",
-]
+from keras_newton._lazy import lazy_attributes
+
+_EXPORTS = {
+    "keras_newton.training.callbacks": ("LossDivergedError", "plot_curves", "read_history"),
+    "keras_newton.training.distribute": ("DISTRIBUTE_CHOICES", "get_distribution"),
+    "keras_newton.training.recipes": ("DATASET_RECIPES", "RECIPES", "get_recipe",
+                                      "recipe_name"),
+    "keras_newton.training.trainer": ("compile_for_recipe", "train"),
+}
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)
