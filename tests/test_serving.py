@@ -160,6 +160,29 @@ def test_batcher_forms_batches_and_splits_exactly():
 
 
 
+def test_batcher_never_mixes_dtypes():
+    """UINT8 pixels (normalised per batch by the model) and FP32 inputs run apart."""
+    calls = []
+
+    def fn(x):
+        calls.append((x.dtype, len(x)))
+        time.sleep(0.01)
+        return x.astype(np.float32) * 2
+
+    async def scenario():
+        batcher = DynamicBatcher(fn, max_batch=16, max_delay=0.05)
+        await batcher.start()
+        try:
+            xs = [np.full((1, 2), i, np.uint8 if i >= 3 else np.float32) for i in range(6)]
+            ys = await asyncio.wait_for(asyncio.gather(*[batcher.submit(x) for x in xs]), 30)
+        finally:
+            await batcher.stop()
+        for x, y in zip(xs, ys, strict=True):
+            np.testing.assert_array_equal(y, x.astype(np.float32) * 2)
+
+    asyncio.run(scenario())
+    assert calls == [(np.dtype(np.float32), 3), (np.dtype(np.uint8), 3)]
+
 @pytest.mark.parametrize("instances", [2, 3])
 def test_batcher_instances_overlap_up_to_their_count(instances):
     """With N instances at most N calls run at once (here exactly N while work waits),

@@ -16,15 +16,15 @@ class _Pending:
 
 
 class DynamicBatcher:
-    """Runs ``fn`` on batches concatenated from concurrent `submit` calls, in one thread.
+    """Runs ``fn`` on batches concatenated from concurrent `submit` calls.
 
     A batch starts with the oldest waiting request and takes the next ones in arrival
-    order while they fit in ``max_batch`` images; it runs once it is full or once its
-    oldest request has waited ``max_delay`` seconds. While every instance is busy, new
-    requests queue, so a busy server forms large batches without waiting at all. Each
-    request gets back exactly its own rows of ``fn``'s output. ``fn`` runs in
-    ``instances`` worker threads (ONNX Runtime releases the GIL), at most one batch per
-    instance at a time, like Triton's ``instance_group { count }``.
+    order while they fit in ``max_batch`` images and have its dtype; it runs once it is
+    full or once its oldest request has waited ``max_delay`` seconds. While every
+    instance is busy, new requests queue, so a busy server forms large batches without
+    waiting at all. Each request gets back exactly its own rows of ``fn``'s output.
+    ``fn`` runs in ``instances`` worker threads (ONNX Runtime releases the GIL), at most
+    one batch per instance at a time, like Triton's ``instance_group { count }``.
 
     Args:
         fn: ``fn(x) -> y`` on a batch ``x [n, ...]``, returning ``y [n, ...]``.
@@ -96,9 +96,11 @@ class DynamicBatcher:
         """Pops the requests of the next batch (oldest first, while they fit)."""
         items, n = [], 0
         while self._pending:
-            size = len(self._pending[0].x)
-            if items and (not self.batching or n + size > self.max_batch):
+            x = self._pending[0].x
+            if items and (not self.batching or n + len(x) > self.max_batch
+                          or x.dtype != items[0].x.dtype):  # one dtype per batch
                 break
+            size = len(x)
             item = self._pending.popleft()
             self._pending_images -= size
             if item.future.cancelled():  # the client went away while waiting

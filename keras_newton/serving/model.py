@@ -90,7 +90,8 @@ class ServedModel:
 
     # ------------------------------------------------------------------ requests
     def decode_inputs(self, request, binary):
-        """Normalised float32 ``x`` (the graph's layout) of a request, every check done."""
+        """``x`` of a request, every check done: FP32 as the graph takes it, or UINT8
+        ``[N, H, W, 3]`` pixels, which `run` normalises (once per batch)."""
         inputs = request.get("inputs")
         if not isinstance(inputs, list) or len(inputs) != 1:
             raise InferenceError(f"`inputs` must be a list with one tensor, "
@@ -112,9 +113,7 @@ class ServedModel:
         if not 1 <= len(x) <= self.max_batch:
             raise InferenceError(f"Input {name!r}: a request holds 1 to {self.max_batch} "
                                  f"images (--max-batch). Received: {len(x)}")
-        if fp32:
-            return np.ascontiguousarray(x, dtype=np.float32)
-        return self.classifier.preprocess(np.ascontiguousarray(x))
+        return np.ascontiguousarray(x)
 
     def requested_outputs(self, request):
         """``[(name, classification count or 0, binary)]`` of a request."""
@@ -160,5 +159,8 @@ class ServedModel:
         return result
 
     def run(self, x):
-        """Logits of a normalised batch (called in the batcher's thread)."""
+        """Logits of a batch (called in the batcher's thread): normalised FP32, or UINT8
+        pixels, normalised here with the sidecar's mean/std."""
+        if x.dtype == np.uint8:
+            x = self.classifier.preprocess(x)
         return self.classifier.session.run([self.logits_name], {self.input_name: x})[0]
