@@ -230,3 +230,33 @@ def test_bad_arguments(kwargs, param):
 def test_bad_input_shape(shape, match):
     with pytest.raises(ValueError, match=match):
         NewtonCGBlock(1, 8).build(shape)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="the warning is TensorFlow's (tf.recompute_grad)")
+def test_training_with_dropout_logs_no_uint8_watch_warning():
+    """The dropout mask is uint8 and TensorFlow warns when remat watches it: filtered.
+
+    Fresh process: TensorFlow logs that warning only for its first 5 occurrences.
+    """
+    out = run_python("""
+import json, logging
+import numpy as np, keras
+from keras_newton.layers import NewtonCGBlock
+seen = []
+handler = logging.Handler()
+handler.emit = lambda record: seen.append(record.getMessage())
+logging.getLogger("tensorflow").addHandler(handler)
+inputs = keras.Input((8, 8, 4))
+x = NewtonCGBlock(2, 8, dropout_rate=0.2)(inputs)
+model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(x)))
+model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+model.train_on_batch(np.ones((4, 8, 8, 4), "float32"), np.zeros(4, "int32"))
+logging.getLogger("tensorflow").warning("an unrelated warning")
+print(json.dumps(seen))
+""")
+    import json
+
+    seen = json.loads(out.strip().splitlines()[-1])
+    assert "an unrelated warning" in seen  # the filter keeps the logger's other messages
+    assert not [m for m in seen if "watched tensor" in m], seen
