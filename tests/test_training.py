@@ -953,20 +953,29 @@ def test_gpu_script_continues_a_run(tmp_path, monkeypatch, capsys):
                            "cosine", "--warmup-epochs", "1", "--warmup", "linear",
                            "--label-smoothing", "0.1", "--val-size", "20", "--batch-size", "20",
                            "--out", str(folder / "ncg10_t")]) == 0
+    # A second run (one epoch, no warm-up), continued beside the first in the second call.
+    assert train_cli.main(["--config-only", "--model", "newton_cgnet10", "--dataset", "cifar10",
+                           "--data", str(archive), "--augment", "--epochs", "1",
+                           "--val-size", "20", "--batch-size", "20",
+                           "--out", str(folder / "ncg10_u")]) == 0
     config = json.loads((folder / "ncg10_t" / "config.json").read_text())
-    for call, margin in ((1, "599"), (2, "0")):  # pause after 1 s (epoch 1), then the rest
-        env.update({"CONTINUE": str(folder / "ncg10_t"), "SECONDS_RUN": "600",
+    for call, margin, runs in ((1, "599", ["ncg10_t"]), (2, "0", ["ncg10_t", "ncg10_u"])):
+        # call 1 pauses after 1 s (epoch 1); call 2 ends both runs, side by side
+        env.update({"CONTINUE": " ".join(str(folder / r) for r in runs), "SECONDS_RUN": "600",
                     "MARGIN": margin, "OUT": str(tmp_path / f"out{call}")})
         done = subprocess.run(["bash", str(root / "zoo" / "gpu_train.sh")], cwd=root,
                               env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         files = tmp_path / f"out{call}"
         back = sorted(p.name for p in files.iterdir())
-        assert {"ncg10_t.tar", "ncg10_t.last.weights.h5", "ncg10_t.log"} <= set(back)
+        for r in runs:
+            assert {f"{r}.tar", f"{r}.last.weights.h5", f"{r}.log"} <= set(back)
+            restore_gpu_files(files, r, folder)
         assert all((files / n).stat().st_size < 16 * 2**20 for n in back) and len(back) <= 8
-        restore_gpu_files(files, "ncg10_t", folder)
         state = json.loads((folder / "ncg10_t" / "state.json").read_text())
         assert state["epochs_done"] == (1 if call == 1 else 3)
+    second = json.loads((folder / "ncg10_u" / "summary.json").read_text())
+    assert second["status"] == "completed" and second["epochs"] == 1, second
     log = (tmp_path / "out1" / "ncg10_t.log").read_text()
     assert "paused after epoch 1 of 3" in log
     run = folder / "ncg10_t"

@@ -38,8 +38,9 @@
 # TensorFlow hidden, DEPTHS="10 16" (2 and 4 epochs, WARMUP_16=1), on a small archive; run
 # on an H200 on 2026-11-28 in its earlier, one-model-after-the-other form (README, "GPU").
 #
-# CONTINUE=<run> (a folder name in zoo/in_progress, or a path): continues that committed
-# run instead (the GPU leg of zoo/in_progress/README.md), one model on the GPU, with the
+# CONTINUE=<run> (a folder name in zoo/in_progress, or a path; several, space-separated,
+# train side by side on the one GPU): continues that committed run instead (the GPU leg
+# of zoo/in_progress/README.md), one model per run, with the
 # data on the device (`--on-device`: augmentation and normalisation in the compiled step,
 # STEPS_PER_EXECUTION steps per call in a loop, default 64: 39 for CIFAR's 351 steps; not
 # yet measured on a GPU: if the log's epoch times are slow, try 1, no loop), bf16, for
@@ -105,9 +106,16 @@ continue_run() {  # CONTINUE mode: the committed run $1, its light state back to
   ls -la "$OUT"
   return $code
 }
-if [ -n "${CONTINUE:-}" ]; then
-  continue_run "$CONTINUE"
-  exit $?
+if [ -n "${CONTINUE:-}" ]; then  # several runs (space-separated) train side by side
+  pids=()
+  for run in $CONTINUE; do
+    continue_run "$run" & pids+=($!)
+  done
+  status=0
+  for pid in "${pids[@]}"; do
+    wait "$pid" || status=$?
+  done
+  exit $status
 fi
 train() {  # model depth: trains, then writes $OUT/<model>.tar
   local model=$1 depth=$2 start=$SECONDS
