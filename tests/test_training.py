@@ -522,11 +522,15 @@ def test_new_options_are_recorded_only_when_set():
     at their defaults are not recorded."""
     plain = recorded_recipe(get_recipe("cifar10", True, dropout=0.0, epochs=120))
     assert not {"warmup_epochs", "warmup", "schedule", "label_smoothing"} & set(plain)
-    # The run in progress resumes with its command: its config is what `train` records.
-    committed = json.loads((REPO / "zoo" / "in_progress" / "ncg10_d0_e120" / "config.json")
+    # The run in progress resumes with its command: its config is what `train` records
+    # (the flags of zoo/in_progress/README.md).
+    committed = json.loads((REPO / "zoo" / "in_progress" / "ncg10_cos200" / "config.json")
                            .read_text())
+    recorded = recorded_recipe(get_recipe("cifar10", True, dropout=0.0, epochs=200,
+                                          schedule="cosine", warmup_epochs=2, warmup="linear",
+                                          label_smoothing=0.1))
     assert {k: v for k, v in committed.items() if k not in ("data", "data_key")} == {
-        "model": "newton_cgnet10", "dataset": "cifar10", "limit": None, "seed": 0, **plain}
+        "model": "newton_cgnet10", "dataset": "cifar10", "limit": None, "seed": 0, **recorded}
     short = recorded_recipe(get_recipe("cifar10", True, schedule="cosine", warmup_epochs=2,
                                        warmup="linear", label_smoothing=0.1, epochs=40))
     assert (short["schedule"], short["warmup"], short["warmup_epochs"],
@@ -735,14 +739,17 @@ def test_resume_flag_takes_the_settings_from_config(tiny, tmp_path, capsys):
 
 
 def test_command_from_config_is_portable():
-    config = json.loads((REPO / "zoo" / "in_progress" / "ncg10_d0_e120" / "config.json")
+    config = json.loads((REPO / "zoo" / "in_progress" / "ncg10_cos200" / "config.json")
                         .read_text())
+    plain = {**config, "epochs": 120}
+    for key in ("warmup_epochs", "warmup", "schedule", "label_smoothing"):
+        del plain[key]
     assert train_cli.command_from_config(
-        config, "../shared/datasets/cifar10-jpeg/train.tar.xz", out="runs/ncg10_d0_e120") == (
+        plain, "../shared/datasets/cifar10-jpeg/train.tar.xz", out="runs/ncg10_d0_e120") == (
         "keras-newton train --model newton_cgnet10 --dataset cifar10 --data "
         "../shared/datasets/cifar10-jpeg/train.tar.xz --augment --epochs 120 --dropout 0 "
         "--out runs/ncg10_d0_e120")
-    short = {**config, "epochs": 40, "dropout": 0.2, "schedule": "cosine", "warmup": "linear",
+    short = {**plain, "epochs": 40, "dropout": 0.2, "schedule": "cosine", "warmup": "linear",
              "warmup_epochs": 2, "label_smoothing": 0.1}
     assert train_cli.command_from_config(short, "PATH/train.tar.xz").endswith(
         "--data PATH/train.tar.xz --augment --epochs 40 --schedule cosine --warmup linear "
