@@ -106,16 +106,20 @@ continue_run() {  # CONTINUE mode: the committed run $1, its light state back to
   ls -la "$OUT"
   return $code
 }
+wait_all() {  # waits for the background jobs $@; returns the last failure's code
+  local status=0 pid
+  for pid in "$@"; do
+    wait "$pid" || status=$?
+  done
+  return $status
+}
 if [ -n "${CONTINUE:-}" ]; then  # several runs (space-separated) train side by side
   pids=()
   for run in $CONTINUE; do
     continue_run "$run" & pids+=($!)
   done
-  status=0
-  for pid in "${pids[@]}"; do
-    wait "$pid" || status=$?
-  done
-  exit $status
+  wait_all "${pids[@]}"
+  exit $?
 fi
 train() {  # model depth: trains, then writes $OUT/<model>.tar
   local model=$1 depth=$2 start=$SECONDS
@@ -150,10 +154,8 @@ pids=()
 for depth in $DEPTHS; do
   train "newton_cgnet$depth" "$depth" & pids+=($!)
 done
-status=0
-for pid in "${pids[@]}"; do
-  wait "$pid" || status=$?
-done
+wait_all "${pids[@]}"
+status=$?
 for depth in $DEPTHS; do
   echo "== newton_cgnet$depth.log (end)"; tail -n 6 "$OUT/newton_cgnet$depth.log"
 done

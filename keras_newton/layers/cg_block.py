@@ -18,24 +18,15 @@ from keras_newton.layers.common import (
 )
 
 
-class _UintWatchFilter(logging.Filter):
-    """Drops TensorFlow's warning that ``tf.recompute_grad`` watches our uint8 mask."""
-
-    def filter(self, record):
-        return not (record.getMessage().startswith(
-            "The dtype of the watched tensor must be floating")
-            and record.getMessage().endswith("tf.uint8"))
+def _not_uint8_watch_warning(record):
+    """False for TensorFlow's warning that remat watches `_dropout_conv`'s uint8 mask."""
+    message = record.getMessage()
+    return not (message.startswith("The dtype of the watched tensor must be floating")
+                and message.endswith("tf.uint8"))
 
 
-_UINT_WATCH_FILTER = _UintWatchFilter()
-
-
-def _quiet_uint8_watch():
-    """Keeps `CGBlock._dropout_conv`'s harmless uint8-watch warning out of the logs."""
-    if keras.backend.backend() == "tensorflow":
-        logger = logging.getLogger("tensorflow")
-        if _UINT_WATCH_FILTER not in logger.filters:
-            logger.addFilter(_UINT_WATCH_FILTER)
+if keras.backend.backend() == "tensorflow":  # the warning is harmless: keep it out of logs
+    logging.getLogger("tensorflow").addFilter(_not_uint8_watch_warning)
 
 
 @keras.saving.register_keras_serializable(package="keras_newton")
@@ -209,7 +200,6 @@ class CGBlock(keras.layers.Layer):
 
         # `keep` is an argument (TensorFlow warns that it watches a uint8 tensor: the
         # warning is filtered): closed over instead, it cost 180 MB more per NCG-56 step.
-        _quiet_uint8_watch()
         def dropout_conv(x, keep, kernel):
             dropped = x * ops.cast(keep, x.dtype) * scale
             return ops.conv(dropped, kernel, strides=strides, padding="same",
