@@ -32,6 +32,13 @@ the zoo's Newton-CGNet-10 (5,000 validation images, fp32 86.12%):
   back (same function in fp32, to 1e-5), which gives the 85.98% above; no node needs to be
   kept in fp32. (Keeping that convolution in fp32 instead, with ``nodes_to_exclude``, gave
   wrong results in ONNX Runtime 1.32's extended graph optimisations.)
+
+The 120-epoch Newton-CGNet-10 weights (fp32 86.92%): int8 86.96%, top-1 agreement 98.64%.
+The limit is the 8-bit activations, spread over the network: every activation at 16 bits
+gave 99.04% (99.48% with the weights' rounding bias corrected, which changed nothing with
+8-bit activations); 8-bit weights without saturation 98.56%; no single tensor or node kept
+at higher precision gained more than 0.15 point (percentile, MinMax and entropy calibration
+within 0.3).
 """
 
 import contextlib
