@@ -473,11 +473,9 @@ def test_int8_export_of_trained_weights(tmp_path, cifar):
     0.5 points of fp32 top-1 and agreeing on >= 98.5% of the 5,000 held-out images, and runs
     in OnnxClassifier.
 
-    98.5%, not issue 27's 99% on a few hundred images: on all 5,000 the 50-epoch weights
-    agreed on 98.84% (99.0% on the 500 this test used) and the 120-epoch weights on 98.64%
-    (98.2% on those 500); with 16-bit activations 99.04%, so 8-bit activations set the limit
-    (measured 2026-12-04, session note of issue 23). Saturating 8-bit weights (78.90% top-1)
-    or unsplit identity taps (84.72%) fall far below."""
+    98.5%, not issue 27's 99% on 500 images: 8-bit activations set the limit near 98.6-98.8%
+    on all 5,000 (measurements in `keras_newton.export.quantize`'s docstring); saturating
+    8-bit weights or unsplit identity taps fall far below."""
     out = tmp_path / "int8"
     cards = export_model("newton_cgnet10", "cifar10", out, format="onnx", quantize="int8",
                          calibration_data=CIFAR_ARCHIVE)
