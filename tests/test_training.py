@@ -1031,3 +1031,162 @@ def test_records_hold_no_machine_path():
         "model": "newton_cgnet82", "dataset": "cifar10", "data": "train.tar.xz",
         "data_key": "sha256-da41fa56b5d113f3661f7d567d5c0652bab701eef3a0fff0d6364184aa9c7847",
         "limit": None, "seed": 0, **recorded_recipe(recipe)}
+
+
+# --- Warm start: --init-weights ------------------------------------------------------
+
+def seeded_weights_file(path, classes=3, model=NewtonCGNet10, seed=123):
+    """The weights of a model's own seeded initialisation (not a run's: seed 123)."""
+    keras.utils.set_random_seed(seed)
+    model(classes=classes).save_weights(path)
+    return path
+
+
+def trainable_arrays(weights_file):
+    model = NewtonCGNet10(classes=3)
+    model.load_weights(weights_file)
+    return [keras.ops.convert_to_numpy(v) for v in model.trainable_weights]
+
+
+@pytest.mark.slow  # two calls that train
+@pytest.mark.backend_agnostic
+@pytest.mark.jax_heavy  # JAX compiles Newton-CGNet-10 twice on this CPU
+def test_init_weights_warm_start_from_a_file(tiny, tmp_path, capsys):
+    """A --config-only run with --init-weights FILE records the file by name and sha256
+    and carries a copy; its --resume (on JAX with the data on the device) starts from
+    those weights: at lr 1e-20 they end unchanged, a run without them ends elsewhere. A
+    changed copy is refused; a snapshot after epoch 1 leaves the copy out; the card's
+    command names the file."""
+    import hashlib
+
+    from keras_newton.commands import zoo as zoo_command
+
+    source = seeded_weights_file(tmp_path / "mine.weights.h5")
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    flags = ["--model", "newton_cgnet10", "--dataset", "folder", "--data", str(tiny),
+             "--epochs", "1", "--batch-size", "8", "--val-size", "6", "--lr", "1e-20"]
+    out = tmp_path / "sgdr"
+    assert train_cli.main(["--config-only", *flags, "--init-weights", str(source),
+                           "--out", str(out)]) == 0
+    text = (out / "config.json").read_text()
+    config = json.loads(text)
+    assert config["init_weights"] == {"file": "mine.weights.h5", "sha256": digest}
+    assert str(tmp_path) not in text and config["data"] == "images"
+    assert (out / "init.weights.h5").read_bytes() == source.read_bytes()
+
+    resume = ["--resume", "--data", str(tiny), "--verbose", "0", "--distribute", "none",
+              "--no-test"]
+    changed = tmp_path / "changed"
+    shutil.copytree(out, changed)
+    with h5py.File(changed / "init.weights.h5", "r+") as f:
+        kernels = []
+        f.visititems(lambda name, item: kernels.append(item) if name.endswith("vars/0")
+                     and item.ndim == 4 else None)
+        kernels[0][...] = kernels[0][...] + 1
+    assert train_cli.main([*resume, "--out", str(changed)]) == 2
+    err = capsys.readouterr().err
+    assert f"{changed / 'init.weights.h5'} is not the `init_weights` file" in err
+    assert f"expected {digest}" in err and not (changed / "history.csv").exists()
+
+    on_device = ["--on-device"] if keras.backend.backend() == "jax" else []
+    assert train_cli.main([*resume, "--out", str(out), *on_device]) == 0
+    assert f"from {out / 'init.weights.h5'}" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text()) == config
+    warm = trainable_arrays(out / "last.weights.h5")
+    start = trainable_arrays(source)
+    for got, want in zip(warm, start, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)
+    cold = tmp_path / "cold"
+    assert train_cli.main([*flags, "--out", str(cold), *resume[3:]]) == 0
+    kernels = [(w, s) for w, s in zip(trainable_arrays(cold / "last.weights.h5"), start,
+                                      strict=True) if w.ndim == 4]
+    assert len(kernels) >= 7 and all(np.abs(w - s).max() > 0.01 for w, s in kernels)
+    assert not (cold / "init.weights.h5").exists()
+    assert "init_weights" not in json.loads((cold / "config.json").read_text())
+
+    # The snapshot needs the copy only before the first epoch.
+    early = tmp_path / "early"
+    shutil.copytree(out, early)
+    state = json.loads((early / "state.json").read_text())
+    (early / "state.json").write_text(json.dumps({**state, "epochs_done": 0}))
+    snap = tmp_path / "snap"
+    assert "init.weights.h5" in light_state.snapshot(early, snap)
+    light_state.check_sums(snap)
+    names = light_state.snapshot(out, snap)  # after epoch 1: removed
+    assert "init.weights.h5" not in names and not (snap / "init.weights.h5").exists()
+    assert json.loads((snap / "config.json").read_text())["init_weights"]["sha256"] == digest
+
+    assert train_cli.command_from_config(config, "PATH/images").endswith(
+        "--lr 1e-20 --val-size 6 --epochs 1 --init-weights mine.weights.h5")
+    summary = json.loads((out / "summary.json").read_text())
+    assert zoo_command._trained_with(summary, None, config["init_weights"]).endswith(
+        f"; initialised from mine.weights.h5 (sha256 {digest[:12]})")
+
+
+@pytest.mark.backend_agnostic
+def test_init_weights_refuses_bad_sources_and_other_models(tiny, tmp_path, capsys):
+    """No training: bad names and paths, another architecture, another class count, a
+    bigger model's file, and another source on --resume are refused by name."""
+    from keras_newton.models import NewtonCGNet16
+
+    flags = ["--dataset", "folder", "--data", str(tiny), "--epochs", "1", "--batch-size", "8",
+             "--val-size", "6"]
+    for source in ("newton_cgnet10.nope", str(tmp_path / "missing.weights.h5")):
+        assert train_cli.main(["--config-only", "--model", "newton_cgnet10", *flags,
+                               "--init-weights", source, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert "(--init-weights) must be a registered zoo name (newton_cgnet10.cifar10" in err
+        assert f"`.weights.h5` file. Received: init_weights={source!r}" in err
+    assert not (tmp_path / "x").exists()
+    assert train_cli.main(["--config-only", "--model", "resnet20", *flags, "--init-weights",
+                           "newton_cgnet10.cifar10", "--out", str(tmp_path / "x")]) == 2
+    assert "not of the run's model resnet20" in capsys.readouterr().err
+
+    with pytest.raises(ValueError, match=r"\(--init-weights\) newton_cgnet10.cifar10 has 10 "
+                                         r"classes, the run's model 3"):
+        train(**tiny_run(tiny, tmp_path / "a", epochs=1), init_weights="newton_cgnet10.cifar10")
+    ten = seeded_weights_file(tmp_path / "ten.weights.h5", classes=10)
+    with pytest.raises(ValueError, match=r"do not fit the run's model .* with 3 classes: .*"
+                                         r"shape=\(64, 3\), Received: value.shape=\(64, 10\)"):
+        train(**tiny_run(tiny, tmp_path / "b", epochs=1), init_weights=ten)
+    deeper = seeded_weights_file(tmp_path / "deeper.weights.h5", model=NewtonCGNet16)
+    with pytest.raises(ValueError, match="do not fit the run's model .* weight arrays"):
+        train(**tiny_run(tiny, tmp_path / "c", epochs=1), init_weights=deeper)
+
+    out = tmp_path / "d"
+    assert train_cli.main(["--config-only", "--model", "newton_cgnet10", *flags,
+                           "--init-weights", str(ten), "--out", str(out)]) == 0
+    assert train_cli.main(["--resume", "--out", str(out), "--data", str(tiny),
+                           "--init-weights", "newton_cgnet10.cifar10"]) == 2
+    assert "other settings (init_weights)" in capsys.readouterr().err
+
+
+class StopAtStart(keras.callbacks.Callback):
+    """Records the weights `fit` starts from and stops before the first step (no compile)."""
+
+    def on_train_begin(self, logs=None):
+        self.weights = [keras.ops.convert_to_numpy(v) for v in self.model.trainable_weights]
+        raise RuntimeError("stopped at the start")
+
+
+@pytest.mark.backend_agnostic
+def test_init_weights_from_the_zoo_by_name(tmp_path, monkeypatch):
+    """A zoo name: config.json records it with the released file's sha256, and the model
+    (here in bf16 mixed precision) starts from that file's weights."""
+    import hashlib
+
+    monkeypatch.setenv("KERAS_NEWTON_HOME", str(tmp_path / "home"))
+    make_image_tree(tmp_path / "images", classes=CIFAR10_CLASSES, per_class={"train": 2})
+    released = REPO / "zoo" / "newton_cgnet10.cifar10.weights.h5"
+    start = StopAtStart()
+    with pytest.raises(RuntimeError, match="stopped at the start"):
+        train(**tiny_run(tmp_path / "images", tmp_path / "run", val_size=10),
+              mixed_precision=True, init_weights="newton_cgnet10.cifar10", callbacks=[start])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["init_weights"] == {"zoo": "newton_cgnet10.cifar10",
+                                      "sha256": hashlib.sha256(released.read_bytes()).hexdigest()}
+    assert not (tmp_path / "run" / "init.weights.h5").exists()
+    model = NewtonCGNet10(classes=10)
+    model.load_weights(released)
+    for got, want in zip(start.weights, model.trainable_weights, strict=True):
+        np.testing.assert_array_equal(got, keras.ops.convert_to_numpy(want))

@@ -78,9 +78,10 @@ def _legs_text(legs, epochs):
     return text
 
 
-def _trained_with(summary, data=None):
+def _trained_with(summary, data=None, init=None):
     """E.g. 'jax, bf16 mixed precision, time budget 310 s (12.3 s per epoch)', then the legs
-    of a run trained across machines, then the data source by name and sha256."""
+    of a run trained across machines, then the data source by name and sha256, then the
+    warm start (``init``: config.json's ``init_weights``)."""
     parts = [summary.get("backend", "tensorflow"),
              "bf16 mixed precision" if summary.get("mixed_precision") else "float32"]
     if summary.get("time_budget"):
@@ -91,6 +92,9 @@ def _trained_with(summary, data=None):
         text = f"{legs}; last call: {text}"
     if data:
         text += "; data " + ", ".join(f"{k} `{v}`" for k, v in data.items())
+    if init:
+        text += (f"; initialised from {init.get('zoo') or init['file']} "
+                 f"(sha256 {init['sha256'][:12]})")
     return text
 
 
@@ -195,7 +199,8 @@ def add(args):
         "recipe": {"command": command_from_config(config, portable_data(data),
                                                   out=f"runs/{run.resolve().name}"),
                    "data": data_record(config), "commit": commit,
-                   "trained_with": _trained_with(summary, data_record(config)),
+                   "trained_with": _trained_with(summary, data_record(config),
+                                                 config.get("init_weights")),
                    "notes": args.notes},
         "preprocessing": {"mean": prep["mean"], "std": prep["std"]},
         "class_names": class_names,

@@ -89,9 +89,16 @@ def add_arguments(parser):
                              "normalisation inside the compiled step (one device)")
     parser.add_argument("--steps-per-execution", type=int, default=1, metavar="N",
                         help="training steps per compiled call (1)")
+    parser.add_argument("--init-weights", default=None, metavar="SOURCE",
+                        help="warm start (e.g. an SGDR restart): a new run whose model starts "
+                             "from a registered zoo model's weights (e.g. "
+                             "newton_cgnet10.cifar10) or a .weights.h5 file (copied into --out "
+                             "as init.weights.h5), loaded before epoch 1 and sha256-checked; "
+                             "config.json records the name and sha256")
     parser.add_argument("--resume", action="store_true",
-                        help="take --model, --dataset, --augment, --limit, --seed and the "
-                             "recipe from --out's config.json (a run started elsewhere); "
+                        help="take --model, --dataset, --augment, --limit, --seed, "
+                             "--init-weights and the recipe from --out's config.json (a run "
+                             "started elsewhere); "
                              "give --data and this machine's flags")
     parser.add_argument("--config-only", action="store_true",
                         help="write the run's config.json into --out and stop (a run to "
@@ -106,7 +113,7 @@ def add_arguments(parser):
 
 # config.json keys that are not recipe values (see `trainer.train`).
 _RUN_KEYS = ("model", "dataset", "data", "data_key", "limit", "seed", "augment", "recipe",
-             "time_budget", "mixed_precision", "sequence_length", "hidden_units")
+             "time_budget", "mixed_precision", "sequence_length", "hidden_units", "init_weights")
 
 
 def from_config(args, overrides):
@@ -132,6 +139,8 @@ def from_config(args, overrides):
         args.seed = config["seed"]
     if args.time_budget is None:
         args.time_budget = config.get("time_budget")
+    if args.init_weights is None:  # the record {"zoo" | "file": name, "sha256": ...}
+        args.init_weights = config.get("init_weights")
     for key, value in config.items():
         if key not in _RUN_KEYS and overrides.get(key) is None:
             overrides[key] = value
@@ -157,7 +166,8 @@ def run(args):
             raise ValueError("--config-only needs --out. Received: out=None")
         new_run_config(args.out, args.model, args.dataset, data=args.data,
                        augment=args.augment, limit=args.limit, seed=args.seed,
-                       time_budget=args.time_budget, **overrides)
+                       time_budget=args.time_budget, init_weights=args.init_weights,
+                       **overrides)
         print(f"wrote {args.out}/config.json; start or continue the run with "
               f"`keras-newton train --resume --out <a copy of {args.out}> --data ...`")
         return 0
@@ -175,7 +185,8 @@ def run(args):
             verbose=args.verbose, overwrite=args.overwrite, evaluate_test=args.evaluate_test,
             mixed_precision=args.mixed_precision, time_budget=args.time_budget,
             on_device=args.on_device, steps_per_execution=args.steps_per_execution,
-            stop_after=args.stop_after, command=command, **overrides,
+            stop_after=args.stop_after, command=command, init_weights=args.init_weights,
+            **overrides,
         )
     except LossDivergedError as e:
         print(f"keras-newton train: error: {e}", file=sys.stderr)
@@ -245,6 +256,9 @@ def command_from_config(config, data, out=None):
             raise ValueError(f"No `keras-newton train` flag sets {key}. Received: {key}={value!r}")
     if config.get("time_budget") is not None:
         argv += ["--time-budget", f"{config['time_budget']:g}"]
+    init = config.get("init_weights")
+    if init is not None:  # a zoo name, or the file's name (its copy: init.weights.h5)
+        argv += ["--init-weights", init.get("zoo") or init["file"]]
     if out is not None:
         argv += ["--out", str(out)]
     return shlex.join(argv)

@@ -14,6 +14,9 @@ written beside it after every epoch and is what a run folder carries to another 
   ``best.weights.h5`` (the optimizer stripped; left out when the best epoch is the last
   one: ``last.weights.h5`` is then the best), ``curves.png``, ``budget.json``,
   ``summary.json`` and ``SHA256SUMS``: `snapshot` copies these into a folder.
+  ``init.weights.h5`` (the ``--init-weights`` file a run started from) only matters
+  before the first epoch: `snapshot` leaves it out once an epoch is done (config.json
+  keeps its record).
 
 Resuming from it (`restore`) loads the weights and the step counter into a freshly
 compiled model: the schedule continues at its exact position, the momentum buffers start
@@ -35,6 +38,8 @@ LAST_WEIGHTS = "last.weights.h5"
 STATE_JSON = "state.json"
 LEGS_JSON = "legs.json"
 SUMS = "SHA256SUMS"
+# A copy of the `--init-weights` file (`trainer.train`), loaded when the run starts.
+INIT_WEIGHTS = "init.weights.h5"
 # Copied by `snapshot` when present (besides the weights, treated apart).
 SNAPSHOT_FILES = ("config.json", "preprocessing.json", "history.csv", "best.json",
                   "curves.png", "budget.json", "summary.json", STATE_JSON, LEGS_JSON)
@@ -218,10 +223,12 @@ class LightState(keras.callbacks.Callback):
 
 
 def _copy_state(run, to, state):
-    for name in (*SNAPSHOT_FILES, LAST_WEIGHTS, BEST_WEIGHTS, SUMS):
+    for name in (*SNAPSHOT_FILES, LAST_WEIGHTS, BEST_WEIGHTS, INIT_WEIGHTS, SUMS):
         if (to / name).exists():
             (to / name).unlink()
     names = [n for n in SNAPSHOT_FILES if (run / n).exists()]
+    if state["epochs_done"] == 0 and (run / INIT_WEIGHTS).exists():
+        names.append(INIT_WEIGHTS)  # not started yet: the start still needs it
     for name in names:
         shutil.copyfile(run / name, to / name)
     shutil.copyfile(run / LAST_WEIGHTS, to / LAST_WEIGHTS)
@@ -239,8 +246,8 @@ def snapshot(run, to):
 
     The best weights are stripped of the optimizer's state, and left out when the best
     epoch is the last finished one (`restore` writes them back from
-    ``last.weights.h5``). Light-state files already in ``to`` are replaced, stale best
-    weights removed.
+    ``last.weights.h5``); ``init.weights.h5`` is left out once an epoch is done. Light-state
+    files already in ``to`` are replaced, stale best and init weights removed.
 
     Returns:
         The names written, ``SHA256SUMS`` last.

@@ -206,9 +206,10 @@ def run_text_cli(args, overrides, command):
                                  f"Received: model={args.model!r}")
         return None
     if (getattr(args, "augment", False) or getattr(args, "mixed_precision", False)
-            or getattr(args, "time_budget", None) is not None):
-        raise ValueError("--augment, --mixed-precision and --time-budget apply to image "
-                         "models only. "
+            or getattr(args, "time_budget", None) is not None
+            or getattr(args, "init_weights", None) is not None):
+        raise ValueError("--augment, --mixed-precision, --time-budget and --init-weights "
+                         "apply to image models only. "
                          f"Received: model={args.model!r}, dataset={args.dataset!r}")
     try:
         summary = train_text(

@@ -3,6 +3,7 @@
 import importlib.util
 import inspect
 import json
+import os
 import shutil
 import time
 import warnings
@@ -39,7 +40,7 @@ LOG_DIR = "logs"
 RUN_FILES = (CONFIG_JSON, PREPROCESSING_JSON, SUMMARY_JSON, MODEL_KERAS, BACKUP_DIR, LOG_DIR,
              cb.HISTORY_CSV, cb.BEST_WEIGHTS, cb.BEST_JSON, cb.CURVES_PNG, cb.BUDGET_JSON,
              light_state.LAST_WEIGHTS, light_state.STATE_JSON, light_state.LEGS_JSON,
-             light_state.SUMS, "backup.old", "workers")
+             light_state.SUMS, light_state.INIT_WEIGHTS, "backup.old", "workers")
 # config.json keys that may differ between the calls (legs) of one run: where the data
 # lies (its content, data_key, may not change) and the precision of the machine.
 EXECUTION_KEYS = ("data", "mixed_precision")
@@ -327,7 +328,7 @@ def _source(data, dataset):
     return None
 
 
-def _config(model_name, dataset, data, limit, seed, recipe, time_budget):
+def _config(model_name, dataset, data, limit, seed, recipe, time_budget, init_weights=None):
     return {
         "model": model_name, "dataset": dataset,
         # The source by name and content, not by this machine's path.
@@ -336,22 +337,145 @@ def _config(model_name, dataset, data, limit, seed, recipe, time_budget):
         "limit": limit, "seed": seed, **recorded_recipe(recipe),
         # Only when set, so that runs from before the option still resume.
         **({"time_budget": time_budget} if time_budget is not None else {}),
+        **({"init_weights": init_weights} if init_weights is not None else {}),
     }
 
 
+_INIT_HELP = ("`init_weights` (--init-weights) must be a registered zoo name ({keys}; "
+              "`keras-newton zoo list`) or the path of an existing `.weights.h5` file")
+
+
+def init_weights_record(init_weights, model_name):
+    """``(record, file)`` of a run's ``init_weights`` (``--init-weights``), or ``(None, None)``.
+
+    A registered zoo key (``"newton_cgnet10.cifar10"``, of ``model_name``) gives the record
+    ``{"zoo": key, "sha256": ...}``; the path of a ``.weights.h5`` file ``{"file": its
+    name, "sha256": ...}`` and the file (the run folder gets a copy, ``init.weights.h5``);
+    a record (a run's config.json, on ``--resume``) is checked and kept, with no file.
+    config.json keeps the record: no path of this machine.
+    """
+    from keras_newton import zoo
+
+    if init_weights is None:
+        return None, None
+    keys = ", ".join(zoo.available()) or "none registered"
+    if isinstance(init_weights, dict):
+        kind = next((k for k in ("zoo", "file") if k in init_weights), None)
+        if (kind is None or set(init_weights) != {kind, "sha256"}
+                or not all(isinstance(v, str) for v in init_weights.values())
+                or "/" in init_weights[kind] or "\\" in init_weights[kind]
+                or (kind == "zoo" and "." not in init_weights[kind])):
+            raise ValueError("A recorded `init_weights` must be {\"zoo\": name, \"sha256\": ...} "
+                             "or {\"file\": file name, \"sha256\": ...}. "
+                             f"Received: init_weights={init_weights!r}")
+        record, path = dict(init_weights), None
+    elif isinstance(init_weights, str | os.PathLike) and not isinstance(init_weights, bool):
+        name = os.fspath(init_weights)
+        if isinstance(init_weights, str) and name in zoo.REGISTRY:
+            record, path = {"zoo": name, "sha256": zoo.REGISTRY[name]["sha256"]}, None
+        elif name.endswith(".weights.h5") and os.path.isfile(name):
+            path = Path(name)
+            record = {"file": path.name, "sha256": light_state.file_sha256(path)}
+        else:
+            raise ValueError(f"{_INIT_HELP.format(keys=keys)}. Received: init_weights={name!r}")
+    else:
+        raise ValueError(f"{_INIT_HELP.format(keys=keys)}. "
+                         f"Received: init_weights={init_weights!r}")
+    if "zoo" in record and record["zoo"].split(".", 1)[0] != model_name:
+        raise ValueError(f"`init_weights` (--init-weights) {record['zoo']!r} are weights of "
+                         f"{record['zoo'].split('.', 1)[0]}, not of the run's model "
+                         f"{model_name}. Received: init_weights={record['zoo']!r}, "
+                         f"model={model_name!r}")
+    return record, path
+
+
+def _copy_init_weights(path, folder):
+    """Copies the ``--init-weights`` file into the run folder (once)."""
+    target = Path(folder) / light_state.INIT_WEIGHTS
+    if path is None or target.exists():
+        return
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(path, tmp)
+    os.replace(tmp, target)
+
+
+def _h5_weight_count(path):
+    import h5py
+
+    count = 0
+
+    def visit(name, item):
+        nonlocal count
+        count += isinstance(item, h5py.Dataset) and not name.startswith("optimizer/")
+
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+    return count
+
+
+def load_init_weights(net, record, folder):
+    """Loads a run's ``init_weights`` (the record of `init_weights_record`) into the built
+    ``net``: the zoo's file, or ``folder/init.weights.h5``, its sha256 checked against the
+    record first; ValueError when it does not match or does not fit the model."""
+    from keras_newton import zoo
+
+    given = f"init_weights={record}"
+    if "zoo" in record:
+        arch, tag = record["zoo"].split(".", 1)
+        entry = zoo.get_entry(arch, tag)
+        if entry["sha256"] != record["sha256"]:
+            raise ValueError(
+                f"The zoo entry {record['zoo']} now holds other weights (sha256 "
+                f"{entry['sha256']}) than the run's config.json records for `init_weights`: "
+                f"start a new run with --init-weights {record['zoo']}. Received: {given}")
+        if entry["classes"] != net.output_shape[-1]:
+            raise ValueError(
+                f"`init_weights` (--init-weights) {record['zoo']} has {entry['classes']} "
+                f"classes, the run's model {net.output_shape[-1]}. Received: {given}")
+        path, source = zoo.weights_path(arch, tag), f"zoo weights {record['zoo']}"
+    else:
+        path = Path(folder) / light_state.INIT_WEIGHTS
+        source = f"{path} (a copy of {record['file']})"
+        if not path.is_file():
+            raise ValueError(
+                f"The run starts from `init_weights` {record['file']}, whose copy {path} is "
+                "missing: put the file there as init.weights.h5 (or start a new run with "
+                f"--init-weights FILE). Received: {given}")
+        digest = light_state.file_sha256(path)
+        if digest != record["sha256"]:
+            raise ValueError(
+                f"{path} is not the `init_weights` file the run's config.json records: "
+                f"sha256 {digest}, expected {record['sha256']} ({record['file']}). "
+                f"Received: {given}")
+    found, expected = _h5_weight_count(path), len(net.weights)
+    try:
+        if found != expected:
+            raise ValueError(f"the file holds {found} weight arrays, the model {expected}")
+        light_state.load_model_weights(net, path)
+    except ValueError as e:
+        detail = " ".join(str(e).split("Target variable:")[0].split())[:400]
+        raise ValueError(
+            f"`init_weights` (--init-weights) {source} do not fit the run's model {net.name} "
+            f"with {net.output_shape[-1]} classes: {detail}. Received: {given}") from e
+    print(f"Initialised the model from {source} (sha256 {record['sha256'][:12]}).")
+
+
 def new_run_config(out, model, dataset, data=None, augment=False, limit=None, seed=0,
-                   time_budget=None, **overrides):
+                   time_budget=None, init_weights=None, **overrides):
     """Writes the ``config.json`` of a new run into ``out`` and returns it, training
     nothing: a run prepared here to start elsewhere (``keras-newton train --resume``).
-    Arguments as in `train`; ``out`` must not hold a run yet."""
+    Arguments as in `train`; ``out`` must not hold a run yet. An ``init_weights`` file is
+    copied into ``out`` (``init.weights.h5``)."""
     model_name, dataset, _, _, recipe = _settings(model, dataset, augment, limit, time_budget,
                                                   overrides)
+    init_record, init_file = init_weights_record(init_weights, model_name)
     config = _config(model_name, dataset, _source(data, dataset), limit, seed, recipe,
-                     time_budget)
+                     time_budget, init_record)
     out = Path(out)
     if (out / CONFIG_JSON).exists():
         raise ValueError(f"The output folder holds a run already. Received: out={str(out)!r}")
     out.mkdir(parents=True, exist_ok=True)
+    _copy_init_weights(init_file, out)
     (out / CONFIG_JSON).write_text(json.dumps(config, indent=1))
     return config
 
@@ -376,6 +500,7 @@ def train(
     on_device=False,
     steps_per_execution=1,
     stop_after=None,
+    init_weights=None,
     **overrides,
 ):
     """Trains a registered model on a dataset with the paper's recipe, resumably.
@@ -426,6 +551,12 @@ def train(
             after the last epoch that fits (`callbacks.StopAfter`), keeping its backup and
             light state, without changing its length or schedule; the same call continues
             it. Returns a summary with ``status="paused"`` and writes no ``summary.json``.
+        init_weights: a warm start: a registered zoo key (``"newton_cgnet10.cifar10"``)
+            or the path of a ``.weights.h5`` file (copied into ``out`` as
+            ``init.weights.h5``), loaded into the built model when the run starts (epoch
+            0), its sha256 checked; config.json records ``{"zoo"|"file": name,
+            "sha256"}``, which may also be given (a resumed run's). Resumes after an epoch
+            continue from the run's own state.
         **overrides: recipe values (``lr``, ``batch_size``, ``epochs``,
             ``weight_decay``, ``dropout``, ``momentum``, ``nesterov``, ``lr_milestones``,
             ``lr_factor``, ``warmup_epochs``, ``warmup``, ``schedule``,
@@ -457,6 +588,7 @@ def train(
                          f"Received: on_device=True, dataset={dataset!r}")
 
     data = _source(data, dataset)
+    init_record, init_file = init_weights_record(init_weights, model_name)
 
     # First, before any other TensorFlow op (MultiWorkerMirroredStrategy requires it).
     dist = get_distribution(distribute)
@@ -465,9 +597,9 @@ def train(
                          f"{dist.num_replicas} replicas: use one model per device "
                          "(--distribute none). Received: on_device=True, "
                          f"distribute={distribute!r}")
-    run_out = _run_folder(dist, recipe, Path(out) if out is not None
-                          else default_out(model_name, dataset, augment))
-    config = _config(model_name, dataset, data, limit, seed, recipe, time_budget)
+    folder = Path(out) if out is not None else default_out(model_name, dataset, augment)
+    run_out = _run_folder(dist, recipe, folder)
+    config = _config(model_name, dataset, data, limit, seed, recipe, time_budget, init_record)
     resuming = _check_out(run_out, config, overwrite)
 
     keras.utils.set_random_seed(seed)
@@ -488,6 +620,7 @@ def train(
         "class_names": class_names,
     }
     run_out.mkdir(parents=True, exist_ok=True)
+    _copy_init_weights(init_file, folder)
     (run_out / CONFIG_JSON).write_text(json.dumps(config, indent=1))
     (run_out / PREPROCESSING_JSON).write_text(json.dumps(preprocessing, indent=1))
 
@@ -504,6 +637,8 @@ def train(
         finally:
             keras.config.set_dtype_policy(policy)
         initial_epoch, restored = _resume_position(net, run_out, resuming, steps_per_epoch)
+        if init_record is not None and initial_epoch == 0:  # a warm start; later: own state
+            load_init_weights(net, init_record, folder)
         compile_for_recipe(net, recipe, steps_per_epoch, per_epoch_lr=time_budget is not None,
                            steps_per_execution=1 if on_device else steps_per_execution)
         if restored is not None:
