@@ -316,3 +316,24 @@ def test_zoo_add_registers_a_time_budgeted_run(tmp_path, monkeypatch, capsys):
     assert "commit `abc1234`" in card and "| epochs | 2 |" in card
     golden = json.loads((tmp_path / "zoo" / "golden.json").read_text())
     assert len(golden["newton_cgnet10.tiny"]) == 6  # 2 inputs x 3 classes
+
+
+def test_trained_with_gives_each_machine_its_median_epoch_time():
+    """A run trained on a CPU, then a GPU: the card gives each kind of leg its own median
+    epoch time and the total (one average over both would describe neither machine)."""
+    from keras_newton.commands.zoo import _trained_with
+
+    cpu = {"backend": "tensorflow", "device": "cpu", "mixed_precision": False}
+    gpu = {"backend": "jax", "device": "gpu", "mixed_precision": True, "on_device": True}
+    legs = [{**cpu, "first_epoch": 1, "resumed_from": "start"},
+            {**cpu, "first_epoch": 2, "resumed_from": "light"},
+            {**gpu, "first_epoch": 3, "resumed_from": "light"}]
+    seconds = [4000.0, 5000.0, 90.0, 5.0, 5.0, 6.0]
+    summary = {"backend": "jax", "mixed_precision": True, "epochs": 6, "legs": legs,
+               "epoch_seconds": seconds, "seconds_per_epoch": sum(seconds) / 6}
+    text = _trained_with(summary)
+    assert f"(epochs 1-2, median {np.median(seconds[:2]):.1f} s per epoch)" in text
+    assert f"(epochs 3-6, median {np.median(seconds[2:]):.1f} s per epoch)" in text
+    assert f"{sum(seconds) / 3600:.1f} h of epochs in all" in text
+    assert f"{sum(seconds) / 6:.1f} s per epoch" not in text
+    assert "resumed at epochs 2, 3 from the last epoch's weights" in text

@@ -47,9 +47,12 @@ def golden_logits(arch, tag):
     return [round(float(v), 6) for v in keras.ops.convert_to_numpy(model(x)).ravel()[:10]]
 
 
-def _legs_text(legs, epochs):
-    """The calls of a run that changed machine or resumed without momentum, in words; ''
-    for a run of one kind of call that never resumed from a light state."""
+def _legs_text(legs, epochs, seconds=None):
+    """The calls of a run that changed machine or resumed without momentum, in words, with
+    the median epoch time of each kind when ``seconds`` (per epoch) is given; '' for a run
+    of one kind of call that never resumed from a light state."""
+    import statistics
+
     kept = []
     for leg in legs:  # a call killed before its first epoch was run again
         if kept and kept[-1]["first_epoch"] == leg["first_epoch"]:
@@ -70,7 +73,13 @@ def _legs_text(legs, epochs):
             spans[-1][2] = last
         else:
             spans.append([kind(leg), leg["first_epoch"], last])
-    text = "; ".join(f"{k} (epochs {a}-{b})" for k, a, b in spans)
+    def span(k, a, b):
+        if not seconds or len(seconds) < b:
+            return f"{k} (epochs {a}-{b})"
+        median = statistics.median(seconds[a - 1:b])
+        return f"{k} (epochs {a}-{b}, median {median:.1f} s per epoch)"
+
+    text = "; ".join(span(*s) for s in spans)
     if light:
         text += ("; resumed at epoch" + ("s " if len(light) > 1 else " ")
                  + ", ".join(map(str, light)) + " from the last epoch's weights and schedule "
@@ -79,17 +88,19 @@ def _legs_text(legs, epochs):
 
 
 def _trained_with(summary, data=None, init=None):
-    """E.g. 'jax, bf16 mixed precision, time budget 310 s (12.3 s per epoch)', then the legs
-    of a run trained across machines, then the data source by name and sha256, then the
-    warm start (``init``: config.json's ``init_weights``)."""
+    """E.g. 'jax, bf16 mixed precision, time budget 310 s (12.3 s per epoch)', or the legs
+    of a run trained across machines (`_legs_text`), then the data source by name and
+    sha256, then the warm start (``init``: config.json's ``init_weights``)."""
     parts = [summary.get("backend", "tensorflow"),
              "bf16 mixed precision" if summary.get("mixed_precision") else "float32"]
     if summary.get("time_budget"):
         parts.append(f"time budget {summary['time_budget']:g} s")
-    text = ", ".join(parts) + f" ({summary['seconds_per_epoch']:.1f} s per epoch)"
-    legs = _legs_text(summary.get("legs") or [], summary["epochs"])
-    if legs:
-        text = f"{legs}; last call: {text}"
+    seconds = summary.get("epoch_seconds")
+    legs = _legs_text(summary.get("legs") or [], summary["epochs"], seconds)
+    if legs:  # an average over machines would mean nothing: the legs' medians, the total
+        text = legs + (f"; {sum(seconds) / 3600:.1f} h of epochs in all" if seconds else "")
+    else:
+        text = ", ".join(parts) + f" ({summary['seconds_per_epoch']:.1f} s per epoch)"
     if data:
         text += "; data " + ", ".join(f"{k} `{v}`" for k, v in data.items())
     if init:
