@@ -10,7 +10,9 @@ two copies of absl inside TensorFlow log while the import loads them, before tha
 "I0000 ... cudart_stub.cc:31] Could not find cuda drivers ..."). So the import of
 ``tensorflow``, whenever it happens, runs with file descriptor 2 sent to a temporary
 file, and every line of it that is not such a log line is written back to stderr.
-tf2onnx's Python logger is set to errors only.
+tf2onnx's Python logger is set to errors only, and TensorFlow's Python logger drops its
+"triggered tf.function retracing" warning (a command that runs several models, or one
+model at several batch sizes, traces on purpose).
 """
 
 import importlib.abc
@@ -75,12 +77,19 @@ class _TensorFlowFinder(importlib.abc.MetaPathFinder):
         return spec
 
 
+def _not_retracing(record):
+    return "triggered tf.function retracing" not in record.getMessage()
+
+
 def quiet_native_logs():
     """Silences TensorFlow's C++ logs for this process (see the module docstring)."""
     if "TF_CPP_MIN_LOG_LEVEL" in os.environ:  # the user's choice wins
         return
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     logging.getLogger("tf2onnx").setLevel(logging.ERROR)
+    tf_logger = logging.getLogger("tensorflow")
+    if _not_retracing not in tf_logger.filters:
+        tf_logger.addFilter(_not_retracing)
     if "tensorflow" not in sys.modules and not any(
         isinstance(f, _TensorFlowFinder) for f in sys.meta_path
     ):

@@ -111,6 +111,23 @@ def test_quiet_import_drops_native_logs_and_keeps_the_rest(capfd):
     assert capfd.readouterr().err == "fd 2 is restored\n"
 
 
+def test_retracing_warning_is_dropped_from_commands(monkeypatch, caplog):
+    """The commands' quiet set-up drops TensorFlow's retracing warning (the demo runs two
+    models at two batch sizes) and nothing else TensorFlow's Python logger says."""
+    import logging
+
+    logger = logging.getLogger("tensorflow")
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")  # restored after the test
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL")
+    monkeypatch.setattr(logger, "filters", [])
+    _quiet.quiet_native_logs()
+    with caplog.at_level(logging.WARNING):
+        logger.warning("5 out of the last 10 calls to <function f at 0x1> triggered "
+                       "tf.function retracing. Tracing is expensive ...")
+        logger.warning("kept: another warning")
+    assert [r.getMessage() for r in caplog.records] == ["kept: another warning"]
+
+
 @pytest.mark.slow
 def test_demo_command(tmp_path):
     """`keras-newton demo` as a user runs it: top-3 of every sample, ONNX Runtime parity,
