@@ -1,5 +1,6 @@
 """Training: recipes, the `train` command end to end, resume after a kill, NaN, bad input."""
 
+import hashlib
 import importlib.util
 import json
 import shutil
@@ -524,9 +525,9 @@ def test_new_options_are_recorded_only_when_set():
     assert not {"warmup_epochs", "warmup", "schedule", "label_smoothing"} & set(plain)
     # The run in progress resumes with its command: its config is what `train` records
     # (the flags of zoo/in_progress/README.md).
-    committed = json.loads((REPO / "zoo" / "in_progress" / "ncg10_cos200" / "config.json")
+    committed = json.loads((REPO / "zoo" / "in_progress" / "ncg10_cos300" / "config.json")
                            .read_text())
-    recorded = recorded_recipe(get_recipe("cifar10", True, dropout=0.0, epochs=200,
+    recorded = recorded_recipe(get_recipe("cifar10", True, dropout=0.2, epochs=300,
                                           schedule="cosine", warmup_epochs=2, warmup="linear",
                                           label_smoothing=0.1))
     assert {k: v for k, v in committed.items() if k not in ("data", "data_key")} == {
@@ -739,9 +740,9 @@ def test_resume_flag_takes_the_settings_from_config(tiny, tmp_path, capsys):
 
 
 def test_command_from_config_is_portable():
-    config = json.loads((REPO / "zoo" / "in_progress" / "ncg10_cos200" / "config.json")
+    config = json.loads((REPO / "zoo" / "in_progress" / "ncg10_cos300" / "config.json")
                         .read_text())
-    plain = {**config, "epochs": 120}
+    plain = {**config, "epochs": 120, "dropout": 0.0}
     for key in ("warmup_epochs", "warmup", "schedule", "label_smoothing"):
         del plain[key]
     assert train_cli.command_from_config(
@@ -1014,8 +1015,9 @@ def test_gpu_script_continues_a_run(tmp_path, monkeypatch, capsys):
 
 
 def test_records_hold_no_machine_path():
-    """Registry commands and the committed Newton-CGNet-82 run name their data source by a
-    path from the repository (or by file name and sha256), never this machine's."""
+    """Registry commands and the committed Newton-CGNet-82 run name their data source (and
+    its warm start) by a path from the repository or by name and sha256, never this
+    machine's path."""
     import shlex
 
     from keras_newton import zoo
@@ -1023,14 +1025,17 @@ def test_records_hold_no_machine_path():
     for key, entry in zoo.REGISTRY.items():
         argv = shlex.split(entry["recipe"]["command"])
         assert not Path(argv[argv.index("--data") + 1]).is_absolute(), key
-    config = json.loads((REPO / "zoo" / "in_progress" / "ncg82_cos40" / "config.json")
+    config = json.loads((REPO / "zoo" / "in_progress" / "ncg82_sgdr80" / "config.json")
                         .read_text())
-    recipe = get_recipe("cifar10", True, epochs=40, schedule="cosine", warmup_epochs=2,
+    recipe = get_recipe("cifar10", True, epochs=80, schedule="cosine", warmup_epochs=2,
                         warmup="linear", label_smoothing=0.1)  # zoo/in_progress/README.md
+    weights = zoo.REPO_ZOO / zoo.REGISTRY["newton_cgnet82.cifar10"]["file"]
     assert config == {
         "model": "newton_cgnet82", "dataset": "cifar10", "data": "train.tar.xz",
         "data_key": "sha256-da41fa56b5d113f3661f7d567d5c0652bab701eef3a0fff0d6364184aa9c7847",
-        "limit": None, "seed": 0, **recorded_recipe(recipe)}
+        "limit": None, "seed": 0, **recorded_recipe(recipe),
+        "init_weights": {"zoo": "newton_cgnet82.cifar10",
+                         "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}}
 
 
 # --- Warm start: --init-weights ------------------------------------------------------
@@ -1057,8 +1062,6 @@ def test_init_weights_warm_start_from_a_file(tiny, tmp_path, capsys):
     those weights: at lr 1e-20 they end unchanged, a run without them ends elsewhere. A
     changed copy is refused; a snapshot after epoch 1 leaves the copy out; the card's
     command names the file."""
-    import hashlib
-
     from keras_newton.commands import zoo as zoo_command
 
     source = seeded_weights_file(tmp_path / "mine.weights.h5")
