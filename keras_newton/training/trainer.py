@@ -369,7 +369,7 @@ def init_weights_record(init_weights, model_name):
                              "or {\"file\": file name, \"sha256\": ...}. "
                              f"Received: init_weights={init_weights!r}")
         record, path = dict(init_weights), None
-    elif isinstance(init_weights, str | os.PathLike) and not isinstance(init_weights, bool):
+    elif isinstance(init_weights, str | os.PathLike):
         name = os.fspath(init_weights)
         if isinstance(init_weights, str) and name in zoo.REGISTRY:
             record, path = {"zoo": name, "sha256": zoo.REGISTRY[name]["sha256"]}, None
