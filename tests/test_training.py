@@ -413,7 +413,8 @@ def gpu_script_env(tmp_path):
     with tarfile.open(archive, "w") as tar:
         tar.add(tmp_path / "images" / "train", arcname="train")
     env = {**os.environ, "PYTHONPATH": str(hide), "KERAS_NEWTON_HOME": str(tmp_path / "home"),
-           "DATA": str(archive), "RUNS": str(tmp_path / "runs"),
+           "DATA": str(archive), "RUNS": str(tmp_path / "runs"), "CACHE": str(tmp_path / "cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # cache every program
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("KERAS_BACKEND", None)
     return REPO, env, archive
@@ -967,6 +968,7 @@ def test_gpu_script_continues_a_run(tmp_path, monkeypatch, capsys):
                            "--val-size", "20", "--batch-size", "20",
                            "--out", str(folder / "ncg10_u")]) == 0
     config = json.loads((folder / "ncg10_t" / "config.json").read_text())
+    programs = []  # the training steps in JAX's compilation cache after each call
     for call, margin, runs in ((1, "599", ["ncg10_t"]), (2, "0", ["ncg10_t", "ncg10_u"])):
         # call 1 pauses after 1 s (epoch 1); call 2 ends both runs, side by side
         env.update({"CONTINUE": " ".join(str(folder / r) for r in runs), "SECONDS_RUN": "600",
@@ -982,6 +984,11 @@ def test_gpu_script_continues_a_run(tmp_path, monkeypatch, capsys):
         assert all((files / n).stat().st_size < 16 * 2**20 for n in back) and len(back) <= 8
         state = json.loads((folder / "ncg10_t" / "state.json").read_text())
         assert state["epochs_done"] == (1 if call == 1 else 3)
+        programs.append({p.name for p in (tmp_path / "cache" / "jax").glob("jit_train_call-*")})
+    # JAX's compilation cache (CACHE, kept between the calls): the continued run's training
+    # step has the same cache key in both calls (a hit in call 2, no recompilation); only the
+    # new run's step (another schedule) was added.
+    assert len(programs[0]) == 1 and programs[0] < programs[1] and len(programs[1]) == 2
     second = json.loads((folder / "ncg10_u" / "summary.json").read_text())
     assert second["status"] == "completed" and second["epochs"] == 1, second
     log = (tmp_path / "out1" / "ncg10_t.log").read_text()

@@ -32,6 +32,7 @@
 # Environment: DEPTHS (default "10 56 82"), SECONDS_<depth>, WARMUP_<depth>, EPOCHS_<depth>
 # (at most this many epochs; default the recipe's 300), DATA (the archive), LIMIT
 # (training images, for a smoke test), OUT, RUNS (run folders, default /tmp/runs),
+# CACHE (default .gpu-cache: wheels, decoded data, compiled programs; see below),
 # EXTRA_ARGS (more `keras-newton train` flags).
 #
 # Tested on CPU (tests/test_training.py::test_gpu_script_without_tensorflow) with
@@ -65,11 +66,17 @@ OUT=${OUT:-out/gpu}
 RUNS=${RUNS:-/tmp/runs}
 LIMIT=${LIMIT:-}
 
-export KERAS_BACKEND=jax PYTHONUNBUFFERED=1 KERAS_NEWTON_HOME=${KERAS_NEWTON_HOME:-/tmp/kn}
-if [ -d .whl ] && ! python3 -c "import keras" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+# The installed wheels, the decoded archive and JAX's compiled programs live in CACHE, an
+# ignored folder of the checkout (.gitignore) that the device machine keeps between the
+# calls of a warm session: a second call skips the install, the decoding and the
+# compilation of the programs the first one compiled (a run continued).
+CACHE=${CACHE:-$PWD/.gpu-cache}
+export KERAS_BACKEND=jax PYTHONUNBUFFERED=1 KERAS_NEWTON_HOME=${KERAS_NEWTON_HOME:-$CACHE/kn}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$CACHE/jax}
+if [ -d .whl ]; then
+  export PYTHONPATH=$CACHE/site${PYTHONPATH:+:$PYTHONPATH}
+  python3 -c "import keras" 2>/dev/null || python3 -m pip install -q --no-index --no-deps \
+    --no-compile --no-cache-dir --upgrade --target "$CACHE/site" .whl/*.whl || exit 1
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 [ -f "$DATA" ] || { echo "gpu_train.sh: no archive at DATA=$DATA" >&2; exit 2; }
