@@ -182,8 +182,9 @@ def model_card(key):
     e = REGISTRY[key]
     metrics = "\n".join(f"| {k} | {v} |" for k, v in e["metrics"].items())
     prep = e["preprocessing"]
-    trained_with = (f"trained with {e['recipe']['trained_with']}. "
-                    if "trained_with" in e["recipe"] else "")
+    warm = e["recipe"].get("warm_start")
+    epochs = (f"{e['epochs']} ({warm['epochs']} of the warm start, then "
+              f"{e['epochs'] - warm['epochs']})" if warm else e["epochs"])
     return f"""# {key}
 
 Generated from `keras_newton/zoo_registry.json` by `keras-newton zoo cards`; do not edit.
@@ -195,7 +196,7 @@ Generated from `keras_newton/zoo_registry.json` by `keras-newton zoo cards`; do 
 | sha256 | `{e['sha256']}` |
 | dataset | {e['dataset']} |
 | split | {e['split']} |
-| epochs | {e['epochs']} |
+| epochs | {epochs} |
 | date | {e['date']} |
 | license | {e['license']} |
 | paper | {e['paper']} |
@@ -213,11 +214,23 @@ Classes: {', '.join(e['class_names'])}.
 
 ## Recipe
 
-```
-{e['recipe']['command']}
-```
-commit `{e['recipe']['commit']}`; {trained_with}{e['recipe'].get('notes', '')}
-"""
+{_recipe_text(e['recipe'])}"""
+
+
+def _recipe_text(recipe):
+    """The card's recipe: the command, commit, machines and notes; then, for a warm start,
+    the recipe of the weights it began from (recursively)."""
+    trained_with = (f"trained with {recipe['trained_with']}. "
+                    if "trained_with" in recipe else "")
+    text = (f"```\n{recipe['command']}\n```\ncommit `{recipe['commit']}`; {trained_with}"
+            f"{recipe.get('notes', '')}\n")
+    warm = recipe.get("warm_start")
+    if warm:
+        text += (f"\nWarm start: the run began from `{warm['zoo']}` (sha256 "
+                 f"`{warm['sha256'][:12]}`, {warm['epochs']} epochs, val top-1 "
+                 f"{100 * warm['val_top1']:.2f}%), trained with:\n\n"
+                 + _recipe_text(warm["recipe"]))
+    return text
 
 
 def strip_optimizer(src, dst):

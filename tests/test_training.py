@@ -512,7 +512,7 @@ def test_short_schedule_options_are_checked():
                             ({"warmup": "cubic"}, r"Received: warmup='cubic'"),
                             ({"label_smoothing": 1.0}, r"Received: label_smoothing=1.0"),
                             ({"schedule": "cosine", "epochs": 2, "warmup_epochs": 2},
-                             r"cosine decay.*Received: warmup_epochs=2")]:
+                             r"cosine schedule.*Received: warmup_epochs=2")]:
         with pytest.raises(ValueError, match=message):
             get_recipe("cifar10", True, **change)
     # With the cosine, the warm-up may pass the step schedule's first milestone.

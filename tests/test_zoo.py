@@ -317,6 +317,25 @@ def test_zoo_add_registers_a_time_budgeted_run(tmp_path, monkeypatch, capsys):
     golden = json.loads((tmp_path / "zoo" / "golden.json").read_text())
     assert len(golden["newton_cgnet10.tiny"]) == 6  # 2 inputs x 3 classes
 
+    # A warm start from these weights, registered under the same key: the entry counts
+    # their epochs and keeps their recipe, which the registration replaces.
+    run2 = tmp_path / "run2"
+    train(model="newton_cgnet10", dataset="folder", data=data, out=run2, epochs=1,
+          batch_size=8, val_size=6, verbose=0, distribute="none",
+          init_weights="newton_cgnet10.tiny", schedule="constant", lr=0.01)
+    assert cli.main([*add, "--data", str(data), "--run", str(run2)]) == 0
+    warm_entry = json.loads((tmp_path / "registry.json").read_text())["newton_cgnet10.tiny"]
+    assert warm_entry["sha256"] != entry["sha256"] and warm_entry["epochs"] == 3
+    warm = warm_entry["recipe"]["warm_start"]
+    assert (warm["zoo"], warm["sha256"], warm["epochs"]) == (
+        "newton_cgnet10.tiny", entry["sha256"], 2)
+    assert warm["val_top1"] == entry["metrics"]["val_top1"]
+    assert warm["recipe"] == entry["recipe"]
+    card = (tmp_path / "zoo" / "newton_cgnet10.tiny.md").read_text()
+    assert "| epochs | 3 (2 of the warm start, then 1) |" in card
+    assert "Warm start: the run began from `newton_cgnet10.tiny`" in card
+    assert card.index(warm_entry["recipe"]["command"]) < card.index(entry["recipe"]["command"])
+
 
 def test_trained_with_gives_each_machine_its_median_epoch_time():
     """A run trained on a CPU, then a GPU: the card gives each kind of leg its own median

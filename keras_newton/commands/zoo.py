@@ -151,6 +151,19 @@ def _run_source(config, data):
     return str(data)
 
 
+def _warm_start(init):
+    """The registry's record of the zoo weights a warm-started run began from (its epochs,
+    accuracy and recipe, which the new entry keeps: registering may replace them), or None
+    (no warm start, a file, or an entry that now holds other weights)."""
+    from keras_newton import zoo
+
+    prior = zoo.REGISTRY.get(init["zoo"]) if init and "zoo" in init else None
+    if prior is None or prior["sha256"] != init["sha256"]:
+        return None
+    return {"zoo": init["zoo"], "sha256": init["sha256"], "epochs": prior["epochs"],
+            "val_top1": prior["metrics"]["val_top1"], "recipe": prior["recipe"]}
+
+
 def add(args):
     import datetime
     import json
@@ -191,6 +204,7 @@ def add(args):
                                              config["val_size"], config["seed"])
     n_train = len(load_dataset(config["dataset"], data, "train")) - len(labels)
     metrics = evaluate_model(arch, str(target), images, labels, prep, len(class_names))
+    warm_start = _warm_start(config.get("init_weights"))
     commit = args.commit or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     zoo.REGISTRY[key] = {
@@ -206,13 +220,15 @@ def add(args):
                     "val_per_class": dict(zip(class_names, metrics["per_class_accuracy"],
                                               strict=True))},
         "eval": {"split": "val", "val_size": config["val_size"], "seed": config["seed"]},
-        "epochs": summary["epochs"],  # trained; a time budget may stop before --epochs
+        # Trained (a time budget may stop before --epochs), with a warm start's own.
+        "epochs": summary["epochs"] + (warm_start["epochs"] if warm_start else 0),
         "recipe": {"command": command_from_config(config, portable_data(data),
                                                   out=f"runs/{run.resolve().name}"),
                    "data": data_record(config), "commit": commit,
                    "trained_with": _trained_with(summary, data_record(config),
                                                  config.get("init_weights")),
-                   "notes": args.notes},
+                   "notes": args.notes,
+                   **({"warm_start": warm_start} if warm_start else {})},
         "preprocessing": {"mean": prep["mean"], "std": prep["std"]},
         "class_names": class_names,
         "date": datetime.date.today().isoformat(),

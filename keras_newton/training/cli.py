@@ -21,6 +21,10 @@ _RECIPE_FLAGS = (
      "first epochs at lr * lr-factor, as He et al. started ResNet-110 (0: the paper)"),
     ("--label-smoothing", "label_smoothing", float,
      "label smoothing of the cross-entropy targets (0: the paper)"),
+    ("--swa-epochs", "swa_epochs", int,
+     "the result is the average of the weights after each of the last N epochs, "
+     "BatchNormalization statistics recomputed (SWA, Izmailov et al. 2018; 0: off, the "
+     "paper); e.g. with --schedule constant"),
     ("--momentum", "momentum", float, "SGD momentum (0.9)"),
     ("--weight-decay", "weight_decay", float, "L2 weight decay (5e-4 CIFAR, 1e-4 SVHN)"),
     ("--dropout", "dropout", float,
@@ -67,7 +71,8 @@ def add_arguments(parser):
                         help="Nesterov momentum (on)")
     parser.add_argument("--schedule", choices=SCHEDULES, default=None,
                         help="step: lr x lr-factor at each milestone (the paper's, default); "
-                             "cosine: from lr after the warm-up to zero at the end, per step")
+                             "cosine: from lr after the warm-up to zero at the end, per step; "
+                             "constant: lr after the warm-up")
     parser.add_argument("--warmup", choices=WARMUPS, default=None,
                         help="warm-up form: constant (lr x lr-factor, default) or linear "
                              "(per step from lr / warm-up steps up to lr)")

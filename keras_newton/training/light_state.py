@@ -16,7 +16,7 @@ written beside it after every epoch and is what a run folder carries to another 
   ``summary.json`` and ``SHA256SUMS``: `snapshot` copies these into a folder.
   ``init.weights.h5`` (the ``--init-weights`` file a run started from) only matters
   before the first epoch: `snapshot` leaves it out once an epoch is done (config.json
-  keeps its record).
+  keeps its record). ``swa.npz``: the weight average of a run with ``swa_epochs``.
 
 Resuming from it (`restore`) loads the weights and the step counter into a freshly
 compiled model: the schedule continues at its exact position, the momentum buffers start
@@ -40,9 +40,11 @@ LEGS_JSON = "legs.json"
 SUMS = "SHA256SUMS"
 # A copy of the `--init-weights` file (`trainer.train`), loaded when the run starts.
 INIT_WEIGHTS = "init.weights.h5"
+# The running weight average of a run with `swa_epochs` (`swa.WeightAverage`).
+SWA_NPZ = "swa.npz"
 # Copied by `snapshot` when present (besides the weights, treated apart).
 SNAPSHOT_FILES = ("config.json", "preprocessing.json", "history.csv", "best.json",
-                  "curves.png", "budget.json", "summary.json", STATE_JSON, LEGS_JSON)
+                  "curves.png", "budget.json", "summary.json", STATE_JSON, LEGS_JSON, SWA_NPZ)
 BEST_WEIGHTS = "best.weights.h5"
 BEST_JSON = "best.json"
 BACKUP_METADATA = ("backup", "training_metadata.json")
@@ -157,6 +159,11 @@ def resume_kind(out):
     return "light"
 
 
+def _best_is_last(best, state):
+    """Whether the best weights are the last epoch's (a weight average never is)."""
+    return best["epoch"] == state["epochs_done"] and not best.get("swa_epochs")
+
+
 def restore(model, out):
     """Loads the light state of ``out`` into ``model`` (built, not yet compiled).
 
@@ -172,7 +179,7 @@ def restore(model, out):
     load_model_weights(model, out / LAST_WEIGHTS)
     best_path = out / BEST_JSON
     best = json.loads(best_path.read_text()) if best_path.exists() else None
-    if best is not None and best["epoch"] == state["epochs_done"]:
+    if best is not None and _best_is_last(best, state):
         shutil.copyfile(out / LAST_WEIGHTS, out / BEST_WEIGHTS)
     return state
 
@@ -234,7 +241,7 @@ def _copy_state(run, to, state):
     shutil.copyfile(run / LAST_WEIGHTS, to / LAST_WEIGHTS)
     names.append(LAST_WEIGHTS)
     best = json.loads((to / BEST_JSON).read_text()) if (to / BEST_JSON).exists() else None
-    if best is not None and best["epoch"] != state["epochs_done"]:
+    if best is not None and not _best_is_last(best, state):
         strip_optimizer(run / BEST_WEIGHTS, to / BEST_WEIGHTS)
         names.append(BEST_WEIGHTS)
     (to / STATE_JSON).write_text(json.dumps(state, indent=1))

@@ -13,7 +13,12 @@ matching ``keras-newton train`` flag).
   2017) instead of the milestones; ``warmup="linear"`` ramps the warm-up epochs per step
   from ``lr / warmup_steps`` to ``lr`` (Goyal et al., 2017) instead of holding
   ``lr * lr_factor``; ``label_smoothing`` mixes ``label_smoothing / classes`` into every
-  class of the targets (Szegedy et al., 2016).
+  class of the targets (Szegedy et al., 2016); ``schedule="constant"`` keeps ``lr`` after
+  the warm-up, e.g. to fine-tune at a constant rate.
+- Weight averaging (not in the paper, off by default): ``swa_epochs=N`` makes the run's
+  result the average of the weights after each of its last N epochs, with the
+  BatchNormalization statistics recomputed for it (stochastic weight averaging,
+  Izmailov et al., 2018; `training.swa`).
 - CIFAR: 300 epochs, weight decay 5e-4; SVHN: 40 epochs, weight decay 1e-4.
 - Dropout 0.2 on C10+/C100+, 0.3 on SVHN, 0.4 on C10/C100 (no augmentation).
 - Validation hold-out: 5,000 training images on CIFAR, 6,000 on SVHN; SVHN trains on
@@ -39,6 +44,7 @@ _COMMON = {
     "warmup": "constant",  # or "linear": lr * (step + 1) / warmup_steps
     "schedule": "step",  # the paper's milestones, or "cosine" (not in the paper)
     "label_smoothing": 0.0,
+    "swa_epochs": 0,  # average the weights of the last N epochs (not in the paper)
     "train_split": "train",
     "val_size": 5000,
 }
@@ -105,8 +111,8 @@ def get_recipe(dataset, augment=False, **overrides):
 # Options added after runs were started: a run's config.json records them only when they
 # differ from these values, so that the configs of older runs still match.
 LATER_OPTIONS = {"warmup_epochs": 0, "warmup": "constant", "schedule": "step",
-                 "label_smoothing": 0.0}
-SCHEDULES = ("step", "cosine")
+                 "label_smoothing": 0.0, "swa_epochs": 0}
+SCHEDULES = ("step", "cosine", "constant")
 WARMUPS = ("constant", "linear")
 
 
@@ -153,14 +159,18 @@ def _check(recipe):
             0 <= smoothing < 1):
         raise ValueError("`label_smoothing` must be in [0, 1). "
                          f"Received: label_smoothing={smoothing!r}")
-    if recipe["schedule"] == "cosine":
+    if recipe["schedule"] != "step":
         if warmup >= recipe["epochs"]:
-            raise ValueError(f"`warmup_epochs` must leave epochs for the cosine decay (of "
-                             f"{recipe['epochs']}). Received: warmup_epochs={warmup}")
+            raise ValueError(f"`warmup_epochs` must leave epochs for the {recipe['schedule']} "
+                             f"schedule (of {recipe['epochs']}). Received: warmup_epochs={warmup}")
     elif warmup and warmup >= min(recipe["lr_milestones"], default=1) * recipe["epochs"]:
         raise ValueError("`warmup_epochs` must end before the first lr milestone "
                          f"({min(recipe['lr_milestones'])} * {recipe['epochs']} epochs). "
                          f"Received: warmup_epochs={warmup}")
+    swa = recipe["swa_epochs"]
+    if isinstance(swa, bool) or not isinstance(swa, int) or not 0 <= swa <= recipe["epochs"]:
+        raise ValueError(f"`swa_epochs` must be an integer in [0, {recipe['epochs']}] (the "
+                         f"run's epochs). Received: swa_epochs={swa!r}")
     if not all(0 < m < 1 for m in recipe["lr_milestones"]):
         raise ValueError("`lr_milestones` must be fractions of the training in (0, 1). "
                          f"Received: lr_milestones={recipe['lr_milestones']}")

@@ -10,6 +10,7 @@ exactly. ``epoch_lr`` is the per-epoch variant that `callbacks.TimeBudget` sets.
 - ``schedule="cosine"``: ``lr * (1 + cos(pi * t)) / 2``, ``t`` the fraction of the steps
   after the warm-up that has passed (1 would be the step after the last one: the last
   step's lr is small, not 0).
+- ``schedule="constant"``: ``lr`` after the warm-up.
 - Warm-up of ``warmup_epochs``: ``"constant"`` holds ``lr * lr_factor`` (He et al. 2016),
   ``"linear"`` ramps ``lr * (step + 1) / warmup_steps`` (Goyal et al. 2017), reaching
   ``lr`` at its last step.
@@ -38,6 +39,8 @@ def _lr(step, lr, lr_factor, total_steps, milestone_steps, warmup_steps, warmup,
     if schedule == "cosine":
         t = min(max((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0), 1.0)
         return lr * 0.5 * (1.0 + math.cos(math.pi * t))
+    if schedule == "constant":
+        return lr
     return lr * lr_factor ** sum(step >= b for b in milestone_steps)
 
 
@@ -66,6 +69,8 @@ def epoch_lr(recipe, epoch, epochs):
         return lr * (epoch + 1) / warmup
     if recipe.get("schedule", "step") == "cosine":
         return lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / max(epochs - warmup, 1)))
+    if recipe.get("schedule", "step") == "constant":
+        return lr
     passed = sum(epoch + 1e-9 >= m * epochs for m in recipe["lr_milestones"])
     return lr * recipe["lr_factor"] ** passed
 
@@ -81,7 +86,7 @@ class RecipeSchedule(keras.optimizers.schedules.LearningRateSchedule):
         milestone_steps: steps from which each further factor applies (step schedule).
         warmup_steps: steps of warm-up (0: none).
         warmup: ``"constant"`` or ``"linear"``.
-        schedule: ``"step"`` or ``"cosine"``.
+        schedule: ``"step"``, ``"cosine"`` or ``"constant"``.
 
     Example:
     >>> schedule = RecipeSchedule.from_recipe(get_recipe("cifar10", True, epochs=40,
@@ -107,6 +112,8 @@ class RecipeSchedule(keras.optimizers.schedules.LearningRateSchedule):
             span = float(max(self.total_steps - self.warmup_steps, 1))
             t = ops.clip((step - self.warmup_steps) / span, 0.0, 1.0)
             value = self.lr * 0.5 * (1.0 + ops.cos(math.pi * t))
+        elif self.schedule == "constant":
+            value = ops.convert_to_tensor(self.lr, "float32")
         else:  # Python-computed values, as PiecewiseConstantDecay's
             value = ops.convert_to_tensor(self.lr, "float32")
             for i, boundary in enumerate(self.milestone_steps):

@@ -114,6 +114,10 @@ def train_text(
     dataset = canonical_text_dataset(dataset)
     builder = TEXT_MODELS[model_name]
     recipe = get_recipe(dataset, False, **overrides)
+    if recipe["swa_epochs"]:
+        raise ValueError("`swa_epochs` (weight averaging) is for the image models; the "
+                         f"text trainer keeps the best epoch. Received: swa_epochs="
+                         f"{recipe['swa_epochs']}")
     if model_name != "newton_cgnet_text":
         if overrides.get("dropout") is not None:
             raise ValueError(f"{model_name} has no dropout layers. "

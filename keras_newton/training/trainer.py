@@ -24,7 +24,7 @@ from keras_newton.data.image_folder import check_source, source_key
 from keras_newton.data.pipeline import batches
 from keras_newton.models import MODELS, TEXT_MODELS, canonical_name
 from keras_newton.training import callbacks as cb
-from keras_newton.training import light_state
+from keras_newton.training import light_state, swa
 from keras_newton.training.distribute import fix_multiworker_build, get_distribution
 from keras_newton.training.losses import SparseCategoricalCrossentropyWithSmoothing
 from keras_newton.training.recipes import get_recipe, recorded_recipe
@@ -40,7 +40,8 @@ LOG_DIR = "logs"
 RUN_FILES = (CONFIG_JSON, PREPROCESSING_JSON, SUMMARY_JSON, MODEL_KERAS, BACKUP_DIR, LOG_DIR,
              cb.HISTORY_CSV, cb.BEST_WEIGHTS, cb.BEST_JSON, cb.CURVES_PNG, cb.BUDGET_JSON,
              light_state.LAST_WEIGHTS, light_state.STATE_JSON, light_state.LEGS_JSON,
-             light_state.SUMS, light_state.INIT_WEIGHTS, "backup.old", "workers")
+             light_state.SUMS, light_state.INIT_WEIGHTS, light_state.SWA_NPZ, "backup.old",
+             "workers")
 # config.json keys that may differ between the calls (legs) of one run: where the data
 # lies (its content, data_key, may not change) and the precision of the machine.
 EXECUTION_KEYS = ("data", "mixed_precision")
@@ -54,12 +55,13 @@ def compile_for_recipe(model, recipe, steps_per_epoch, per_epoch_lr=False,
     milestones are fractions of the ``epochs * steps_per_epoch`` training steps. The
     ``warmup_epochs`` first epochs (if any) train at ``lr * lr_factor`` (``warmup=
     "linear"``: ramp to ``lr``); ``schedule="cosine"`` decays from ``lr`` to zero instead
-    (`schedules.RecipeSchedule`). With ``per_epoch_lr`` the learning rate is a plain
-    variable, which a callback sets each epoch (`callbacks.TimeBudget`). The loss is the
+    (`schedules.RecipeSchedule`), ``"constant"`` keeps ``lr``. With ``per_epoch_lr`` the
+    learning rate is a plain variable, which a callback sets each epoch
+    (`callbacks.TimeBudget`). The loss is the
     cross-entropy, with ``label_smoothing`` when the recipe sets it. Weight decay is not
     added here: it is the builders' ``weight_decay`` (an L2 term).
     """
-    custom = recipe.get("schedule", "step") == "cosine" or (
+    custom = recipe.get("schedule", "step") != "step" or (
         recipe.get("warmup", "constant") == "linear" and recipe.get("warmup_epochs", 0))
     if per_epoch_lr:
         schedule = recipe["lr"]
@@ -108,9 +110,10 @@ def _run_folder(dist, recipe, out):
 
 def _fit_best(net, train_ds, val_ds, recipe, run_out, title, callbacks, resuming, verbose,
               lr_callback=None, initial_epoch=0, stop_after=None, steps_per_epoch=None,
-              on_device=None):
+              on_device=None, epochs_done=0):
     """Fits with the run's callbacks (``lr_callback``, log, light state, backup, NaN stop,
-    ``stop_after``, TensorBoard, ``callbacks``) and loads the best weights, unless
+    ``stop_after``, the weight average of ``swa_epochs``, TensorBoard, ``callbacks``) and
+    loads the best weights, unless
     ``stop_after`` paused the run. ``lr_callback`` (one that sets the learning rate each
     epoch, e.g. `callbacks.TimeBudget`) runs first, so the log has its value.
     ``on_device``: the arguments of `on_device.fit_on_device` (``train_ds`` and ``val_ds``
@@ -132,6 +135,8 @@ def _fit_best(net, train_ds, val_ds, recipe, run_out, title, callbacks, resuming
                  f"weights are in {run_out / cb.BEST_WEIGHTS}."
         ),
         *([stop_after] if stop_after is not None else []),
+        *([swa.WeightAverage(run_out, recipe["epochs"], recipe["swa_epochs"], epochs_done)]
+          if recipe.get("swa_epochs") else []),
         *_tensorboard(run_out / LOG_DIR),
         *callbacks,
     ]
@@ -316,6 +321,11 @@ def _settings(model, dataset, augment, limit, time_budget, overrides):
                          "which would change the lr of the cosine schedule's past epochs: "
                          "give the cosine schedule its --epochs (and --stop-after to pause "
                          f"a call). Received: time_budget={time_budget!r}, schedule='cosine'")
+    if time_budget is not None and recipe["swa_epochs"]:
+        raise ValueError("`time_budget` sets the run's length after its first epochs; "
+                         "`swa_epochs` averages the last epochs of a known length: give "
+                         "--epochs (and --stop-after to pause a call). Received: "
+                         f"time_budget={time_budget!r}, swa_epochs={recipe['swa_epochs']}")
     return model_name, dataset, builder, has_dropout, recipe
 
 
@@ -656,7 +666,7 @@ def train(
             f"({recipe['recipe']})", callbacks, resuming, verbose,
             cb.TimeBudget(recipe, time_budget, run_out, start=called) if time_budget else None,
             initial_epoch=0 if resuming == "backup" else initial_epoch, stop_after=pause,
-            steps_per_epoch=steps_per_epoch,
+            steps_per_epoch=steps_per_epoch, epochs_done=initial_epoch,
             on_device={"mean": mean, "std": std, "batch_size": batch,
                        "augment": recipe["augment"], "seed": seed,
                        "steps_per_execution": steps_per_execution} if on_device else None)
@@ -664,6 +674,13 @@ def train(
             return {"status": "paused", "model": model_name, "epochs": len(rows),
                     "planned_epochs": recipe["epochs"], "best_val_accuracy": best["value"],
                     "best_epoch": best["epoch"], "out": str(run_out)}
+        if recipe["swa_epochs"]:
+            if on_device:  # the arrays: host pipelines for the BatchNormalization pass
+                (x_train, y_train), (x_val, y_val) = train_ds, val_ds
+                train_ds = batches(x_train, y_train, batch, mean, std, training=True,
+                                   augment=recipe["augment"], seed=seed)
+                val_ds = batches(x_val, y_val, batch, mean, std, training=False)
+            best = swa.finish(net, run_out, train_ds, val_ds) or best
         test_accuracy = None
         test = _test_split(dataset, data, cache_dir) if evaluate_test else None
         if test is not None:
