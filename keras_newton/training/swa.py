@@ -88,7 +88,8 @@ class WeightAverage(keras.callbacks.Callback):
         if self.average is None:
             self.average = weights
         else:
-            self.average = [a + (w - a) / self.count for a, w in zip(self.average, weights)]
+            self.average = [a + (w - a) / self.count
+                            for a, w in zip(self.average, weights, strict=True)]
         self.epoch = epoch
         _save(self.path, epoch, self.count, self.average)
 
@@ -125,7 +126,7 @@ def recompute_batch_norm(model, batches):
                 layer.momentum = 1.0 - 1.0 / n
             model(x, training=True)
     finally:
-        for layer, momentum in zip(layers, momenta):
+        for layer, momentum in zip(layers, momenta, strict=True):
             layer.momentum = momentum
     return n
 
@@ -142,7 +143,7 @@ def finish(model, out, train_batches, val_batches):
         return None
     state = _load(out / SWA_NPZ)
     _check_fits(state, model, out / SWA_NPZ)
-    for variable, value in zip(model.trainable_weights, state["average"]):
+    for variable, value in zip(model.trainable_weights, state["average"], strict=True):
         variable.assign(value.astype(variable.dtype))
     batches = recompute_batch_norm(model, train_batches)
     value = float(model.evaluate(val_batches, verbose=0, return_dict=True)["accuracy"])
