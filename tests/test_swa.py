@@ -99,7 +99,7 @@ def test_weight_average_of_the_last_epochs_by_hand(tmp_path, rng):
     epoch, count, got = stored_average(tmp_path)
     assert (epoch, count) == (4, 2)
     for g, e in zip(got, expected(3, 4), strict=True):
-        np.testing.assert_allclose(g, e, rtol=1e-6)
+        np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-7)
 
     # Resumed after epoch 4 (a new process): epoch 5 joins the stored average.
     resumed = WeightAverage(tmp_path, epochs=5, swa_epochs=3, epochs_done=4)
@@ -109,7 +109,7 @@ def test_weight_average_of_the_last_epochs_by_hand(tmp_path, rng):
     epoch, count, got = stored_average(tmp_path)
     assert (epoch, count) == (5, 3)
     for g, e in zip(got, expected(3, 5), strict=True):
-        np.testing.assert_allclose(g, e, rtol=1e-6)
+        np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-7)
 
     # Stopped after epoch 4's light state, before its average: the model holds epoch 4's
     # weights when the run resumes after epoch 4, and they are added first.
@@ -122,7 +122,7 @@ def test_weight_average_of_the_last_epochs_by_hand(tmp_path, rng):
     epoch, count, got = stored_average(tmp_path)
     assert (epoch, count) == (5, 3)
     for g, e in zip(got, expected(3, 5), strict=True):
-        np.testing.assert_allclose(g, e, rtol=1e-6)
+        np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-7)
 
     # An average of epoch 3 cannot continue a run resumed after epoch 5; none at all
     # cannot continue one resumed inside the window.

@@ -1,12 +1,12 @@
 """Stochastic weight averaging (Izmailov et al., 2018), the recipe's ``swa_epochs``.
 
 A run with ``swa_epochs=N`` averages its trainable weights after each of its last N
-epochs (`WeightAverage`, kept in ``swa.npz`` beside the light state, so that the average
-survives a pause and a move to another machine) and, when the last epoch is done, makes
-the average its result (`finish`): the BatchNormalization statistics are recomputed for
-the averaged weights over one pass of the training batches (`recompute_batch_norm`), the
-model is evaluated on the validation split, and ``best.weights.h5`` / ``best.json`` hold
-it (``best.json`` with ``swa_epochs``). Pair it with a learning rate that keeps the
+epochs (`WeightAverage`, kept in float32 in ``swa.npz`` beside the light state, so that
+the average survives a pause and a move to another machine) and, when the last epoch is
+done, makes the average its result (`finish`): the BatchNormalization statistics are
+recomputed for the averaged weights over one pass of the training batches
+(`recompute_batch_norm`), the model is evaluated on the validation split, and
+``best.weights.h5`` / ``best.json`` hold it (``best.json`` with ``swa_epochs``). Pair it with a learning rate that keeps the
 weights moving, e.g. ``schedule="constant"``.
 """
 
@@ -23,7 +23,7 @@ from keras_newton.training.light_state import BEST_JSON, BEST_WEIGHTS, SWA_NPZ
 def _load(path):
     with np.load(path, allow_pickle=False) as f:
         return {"epoch": int(f["epoch"]), "count": int(f["count"]),
-                "average": [f[f"w{i}"] for i in range(int(f["arrays"]))]}
+                "average": [f[f"w{i}"].astype("float32") for i in range(int(f["arrays"]))]}
 
 
 def _save(path, epoch, count, average):
@@ -82,7 +82,7 @@ class WeightAverage(keras.callbacks.Callback):
                 f"with its light state. Received: out={str(self.path.parent)!r}")
 
     def _add(self, epoch):
-        weights = [keras.ops.convert_to_numpy(v).astype("float64")
+        weights = [keras.ops.convert_to_numpy(v).astype("float32")
                    for v in self.model.trainable_weights]
         self.count += 1
         if self.average is None:
