@@ -6,8 +6,8 @@ the average survives a pause and a move to another machine) and, when the last e
 done, makes the average its result (`finish`): the BatchNormalization statistics are
 recomputed for the averaged weights over one pass of the training batches
 (`recompute_batch_norm`), the model is evaluated on the validation split, and
-``best.weights.h5`` / ``best.json`` hold it (``best.json`` with ``swa_epochs``). Pair it with a learning rate that keeps the
-weights moving, e.g. ``schedule="constant"``.
+``best.weights.h5`` / ``best.json`` hold it (``best.json`` with ``swa_epochs``). Pair it
+with a learning rate that keeps the weights moving, e.g. ``schedule="constant"``.
 """
 
 import json
