@@ -55,6 +55,8 @@ def test_newton_cgnet_trains_under_mirrored_strategy(mirrored):
     assert mirrored["kind"] == "mirrored"
     assert mirrored["ncg_distribute"] == "mirrored" and mirrored["ncg_replicas"] == 2
     assert mirrored["ncg_epochs"] == 2
+    best = mirrored["ncg_best"]
+    assert (best["swa_epochs"], best["epoch"], best["batch_norm_batches"]) == (1, 2, 3)
     header, *rows = mirrored["ncg_history"].strip().splitlines()
     losses = [float(r.split(",")[header.split(",").index("loss")]) for r in rows]
     assert len(rows) == 2 and all(np.isfinite(losses))
