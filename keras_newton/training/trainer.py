@@ -57,9 +57,9 @@ def compile_for_recipe(model, recipe, steps_per_epoch, per_epoch_lr=False,
     "linear"``: ramp to ``lr``); ``schedule="cosine"`` decays from ``lr`` to zero instead
     (`schedules.RecipeSchedule`), ``"constant"`` keeps ``lr``. With ``per_epoch_lr`` the
     learning rate is a plain variable, which a callback sets each epoch
-    (`callbacks.TimeBudget`). The loss is the
-    cross-entropy, with ``label_smoothing`` when the recipe sets it. Weight decay is not
-    added here: it is the builders' ``weight_decay`` (an L2 term).
+    (`callbacks.TimeBudget`). The loss is the cross-entropy, with ``label_smoothing`` when
+    the recipe sets it. Weight decay is not added here: it is the builders'
+    ``weight_decay`` (an L2 term).
     """
     custom = recipe.get("schedule", "step") != "step" or (
         recipe.get("warmup", "constant") == "linear" and recipe.get("warmup_epochs", 0))
@@ -113,9 +113,9 @@ def _fit_best(net, train_ds, val_ds, recipe, run_out, title, callbacks, resuming
               on_device=None, epochs_done=0):
     """Fits with the run's callbacks (``lr_callback``, log, light state, backup, NaN stop,
     ``stop_after``, the weight average of ``swa_epochs``, TensorBoard, ``callbacks``) and
-    loads the best weights, unless
-    ``stop_after`` paused the run. ``lr_callback`` (one that sets the learning rate each
-    epoch, e.g. `callbacks.TimeBudget`) runs first, so the log has its value.
+    loads the best weights, unless ``stop_after`` paused the run. ``lr_callback`` (one that
+    sets the learning rate each epoch, e.g. `callbacks.TimeBudget`) runs first, so the log
+    has its value.
     ``on_device``: the arguments of `on_device.fit_on_device` (``train_ds`` and ``val_ds``
     are then ``(images, labels)`` arrays), else ``Model.fit``.
 
@@ -570,7 +570,10 @@ def train(
         **overrides: recipe values (``lr``, ``batch_size``, ``epochs``,
             ``weight_decay``, ``dropout``, ``momentum``, ``nesterov``, ``lr_milestones``,
             ``lr_factor``, ``warmup_epochs``, ``warmup``, ``schedule``,
-            ``label_smoothing``, ``val_size``, ``train_split``).
+            ``label_smoothing``, ``swa_epochs``, ``val_size``, ``train_split``). With
+            ``swa_epochs`` the run's result (``best.weights.h5``, ``best.json``) is the
+            average of the weights of its last epochs (`swa`; ``swa.npz`` holds it
+            meanwhile).
 
     Returns:
         The run summary (also written to ``out/summary.json``).
