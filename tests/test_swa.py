@@ -89,6 +89,16 @@ def test_weight_average_of_the_last_epochs_by_hand(tmp_path, rng):
         return [np.mean([epochs[e][i] for e in range(first - 1, last)], axis=0)
                 for i in range(trainable)]
 
+    def resume_after_4_and_check_epoch_5():
+        resumed = WeightAverage(tmp_path, epochs=5, swa_epochs=3, epochs_done=4)
+        resumed.set_model(model)
+        resumed.on_train_begin()
+        end_epoch(resumed, model, 4, epochs[4])
+        epoch, count, got = stored_average(tmp_path)
+        assert (epoch, count) == (5, 3)
+        for g, e in zip(got, expected(3, 5), strict=True):
+            np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-7)
+
     average = WeightAverage(tmp_path, epochs=5, swa_epochs=3)
     average.set_model(model)
     average.on_train_begin()
@@ -102,27 +112,13 @@ def test_weight_average_of_the_last_epochs_by_hand(tmp_path, rng):
         np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-7)
 
     # Resumed after epoch 4 (a new process): epoch 5 joins the stored average.
-    resumed = WeightAverage(tmp_path, epochs=5, swa_epochs=3, epochs_done=4)
-    resumed.set_model(model)
-    resumed.on_train_begin()
-    end_epoch(resumed, model, 4, epochs[4])
-    epoch, count, got = stored_average(tmp_path)
-    assert (epoch, count) == (5, 3)
-    for g, e in zip(got, expected(3, 5), strict=True):
-        np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-7)
+    resume_after_4_and_check_epoch_5()
 
     # Stopped after epoch 4's light state, before its average: the model holds epoch 4's
     # weights when the run resumes after epoch 4, and they are added first.
     (tmp_path / "swa.npz").write_bytes(saved_after_3)
     model.set_weights(epochs[3])
-    late = WeightAverage(tmp_path, epochs=5, swa_epochs=3, epochs_done=4)
-    late.set_model(model)
-    late.on_train_begin()
-    end_epoch(late, model, 4, epochs[4])
-    epoch, count, got = stored_average(tmp_path)
-    assert (epoch, count) == (5, 3)
-    for g, e in zip(got, expected(3, 5), strict=True):
-        np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-7)
+    resume_after_4_and_check_epoch_5()
 
     # An average of epoch 3 cannot continue a run resumed after epoch 5; none at all
     # cannot continue one resumed inside the window.
