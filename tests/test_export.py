@@ -384,10 +384,23 @@ def test_export_needs_preprocessing_for_unknown_weights(weights_file, tmp_path):
 
 # ---------------------------------------------------------------- every zoo entry
 
+def _export_cases():
+    """(key, optimize) for every zoo entry; the unoptimized export of the entries over 1M
+    parameters is heavy (NCG-82: 100 s): `test_demo_command` exports each entry that way
+    to ONNX with a parity check, and the smaller entries cover the SavedModel code."""
+    cases = []
+    for key in zoo.available() or [None]:
+        big = key is not None and zoo.REGISTRY[key]["num_params"] > 1_000_000
+        cases += [pytest.param(key, False, marks=[pytest.mark.heavy] if big else []),
+                  pytest.param(key, True)]
+    return cases
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("key", zoo.available() or [None])
-def test_every_zoo_entry_exports_and_reloads(key, tmp_path, calibration):
-    """Each registry entry (or, with an empty registry, temp weights) to both formats."""
+@pytest.mark.parametrize("key,optimize", _export_cases())
+def test_every_zoo_entry_exports_and_reloads(key, optimize, tmp_path, calibration):
+    """Each registry entry (or, with an empty registry, temp weights) to both formats,
+    as the model and as `optimize_for_inference` of it."""
     import onnxruntime as ort
     import tensorflow as tf
 
@@ -399,23 +412,22 @@ def test_every_zoo_entry_exports_and_reloads(key, tmp_path, calibration):
         (tmp_path / "preprocessing.json").write_text(json.dumps(PREP))
     else:
         arch, weights = key.split(".", 1)
-    for optimize in (False, True):
-        out = tmp_path / f"export_{optimize}"
-        cards = export_model(arch, weights, out, format="both", optimize=optimize)
-        loaded = tf.saved_model.load(str(out / SAVEDMODEL_DIR))
-        images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
-        logits = loaded.signatures["serving_default"](images=tf.constant(images))["logits"]
-        assert logits.shape == (5, cards["onnx"]["outputs"][0]["shape"][1])
-        session = ort.InferenceSession(str(out / ONNX_FILE), providers=["CPUExecutionProvider"])
-        (inp,) = session.get_inputs()
-        x = np.random.default_rng(1).normal(size=(3, *inp.shape[1:])).astype("float32")
-        assert session.run(None, {inp.name: x})[0].shape[0] == 3
-        for card in cards.values():
-            assert all(check["passed"] for check in card["parity"].values())
-            if key is None:
-                assert card["preprocessing"]["source"].endswith("preprocessing.json")
-            else:
-                assert card["weights"]["sha256"] == zoo.get_entry(arch, weights)["sha256"]
+    out = tmp_path / "export"
+    cards = export_model(arch, weights, out, format="both", optimize=optimize)
+    loaded = tf.saved_model.load(str(out / SAVEDMODEL_DIR))
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    logits = loaded.signatures["serving_default"](images=tf.constant(images))["logits"]
+    assert logits.shape == (5, cards["onnx"]["outputs"][0]["shape"][1])
+    session = ort.InferenceSession(str(out / ONNX_FILE), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    x = np.random.default_rng(1).normal(size=(3, *inp.shape[1:])).astype("float32")
+    assert session.run(None, {inp.name: x})[0].shape[0] == 3
+    for card in cards.values():
+        assert all(check["passed"] for check in card["parity"].values())
+        if key is None:
+            assert card["preprocessing"]["source"].endswith("preprocessing.json")
+        else:
+            assert card["weights"]["sha256"] == zoo.get_entry(arch, weights)["sha256"]
 
 
 # ---------------------------------------------------------------- int8
