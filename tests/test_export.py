@@ -386,7 +386,7 @@ def test_export_needs_preprocessing_for_unknown_weights(weights_file, tmp_path):
 
 def _export_cases():
     """(key, optimize) for every zoo entry; the unoptimized export of the entries over 1M
-    parameters is heavy (NCG-82: 100 s): `test_demo_command` exports each entry that way
+    parameters is heavy (NCG-82: 142 s): `test_demo_command` exports each entry that way
     to ONNX with a parity check, and the smaller entries cover the SavedModel code."""
     cases = []
     for key in zoo.available() or [None]:

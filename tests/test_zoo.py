@@ -249,7 +249,7 @@ CIFAR_ARCHIVE = (Path(os.environ.get("KERAS_NEWTON_DATA", REPO.parent / "shared"
 def test_card_accuracy_is_reproduced(key):
     """`evaluate` on the card's validation split gives the card's accuracy (to 0.1%).
 
-    Heavy for the entries over 1M parameters (NCG-82: 100 s on 2 cores): the smaller
+    Heavy for the entries over 1M parameters (NCG-82: 114 s on 2 cores): the smaller
     entries check the evaluation pipeline, and `test_registry_golden_logits` each entry's
     weights."""
     from keras_newton.commands.evaluate import evaluate_model, load_split
