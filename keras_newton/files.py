@@ -1,4 +1,5 @@
-"""Reading the files a user hands to keras-newton (JSON cards, ``.weights.h5``).
+"""Reading the files a user hands to keras-newton (JSON cards, ``.weights.h5``), and
+writing a run's text files whole (`atomic_write_text`).
 
 Every failure -- a missing file, a folder, bytes that are not what was expected -- is a
 ValueError that names the file and says what was expected; the command line prints it
@@ -7,7 +8,16 @@ by `keras_newton.data.image_folder`, which does the same.
 """
 
 import json
+import os
 from pathlib import Path
+
+
+def atomic_write_text(path, text):
+    """Writes ``text`` to ``path`` through a temporary file: a reader (or a run killed
+    meanwhile) sees the old file or the new one, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _one_line(error):

@@ -11,6 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from keras_newton.files import atomic_write_text
 from keras_newton.training.schedules import epoch_lr
 
 HISTORY_CSV = "history.csv"
@@ -22,12 +23,6 @@ BUDGET_JSON = "budget.json"
 
 class LossDivergedError(RuntimeError):
     """Raised when the training loss becomes NaN or Inf."""
-
-
-def _atomic_write_text(path, text):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_history(out):
@@ -112,7 +107,7 @@ class RunLogger(keras.callbacks.Callback):
         fields = list(dict.fromkeys(k for r in self.rows for k in r))
         lines = [",".join(fields)]
         lines += [",".join(_fmt(r.get(k, "")) for k in fields) for r in self.rows]
-        _atomic_write_text(self.out / HISTORY_CSV, "\n".join(lines) + "\n")
+        atomic_write_text(self.out / HISTORY_CSV, "\n".join(lines) + "\n")
 
         value = row.get(self.monitor)
         if value is not None and (self.best is None or value > self.best["value"]):
@@ -120,7 +115,7 @@ class RunLogger(keras.callbacks.Callback):
             self.model.save_weights(tmp, overwrite=True)
             os.replace(tmp, self.out / BEST_WEIGHTS)
             self.best = {"monitor": self.monitor, "value": value, "epoch": epoch + 1}
-            _atomic_write_text(self.out / BEST_JSON, json.dumps(self.best, indent=1))
+            atomic_write_text(self.out / BEST_JSON, json.dumps(self.best, indent=1))
         plot_curves(self.rows, self.out / CURVES_PNG, self.title)
 
 
@@ -227,7 +222,7 @@ class TimeBudget(keras.callbacks.Callback):
             epochs = self._plan(epoch, left, per_epoch * 1.05)
             if epochs != self.epochs:
                 self.epochs = epochs
-                _atomic_write_text(self.path, json.dumps(
+                atomic_write_text(self.path, json.dumps(
                     {"seconds": self.seconds, "epochs": self.epochs, "decided_after_epoch":
                      epoch + 1, "epoch_seconds": round(per_epoch, 3)}, indent=1))
                 print(f"Time budget: {self.epochs} epochs fit in {self.seconds:g} s "

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import keras
 
+from keras_newton.files import atomic_write_text
+
 LAST_WEIGHTS = "last.weights.h5"
 STATE_JSON = "state.json"
 LEGS_JSON = "legs.json"
@@ -48,12 +50,6 @@ SNAPSHOT_FILES = ("config.json", "preprocessing.json", "history.csv", "best.json
 BEST_WEIGHTS = "best.weights.h5"
 BEST_JSON = "best.json"
 BACKUP_METADATA = ("backup", "training_metadata.json")
-
-
-def _atomic_write_text(path, text):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def strip_optimizer(src, dst):
@@ -97,7 +93,7 @@ def write_sums(folder, names):
     """Writes ``folder/SHA256SUMS`` (``sha256sum`` format, names relative to ``folder``)."""
     folder = Path(folder)
     lines = [f"{file_sha256(folder / n)}  {n}\n" for n in sorted(names)]
-    _atomic_write_text(folder / SUMS, "".join(lines))
+    atomic_write_text(folder / SUMS, "".join(lines))
 
 
 def check_sums(folder):
@@ -190,7 +186,7 @@ def append_leg(out, leg):
     legs = json.loads(path.read_text()) if path.exists() else []
     legs.append({"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                  **leg})
-    _atomic_write_text(path, json.dumps(legs, indent=1))
+    atomic_write_text(path, json.dumps(legs, indent=1))
     return legs
 
 
@@ -221,7 +217,7 @@ class LightState(keras.callbacks.Callback):
         save_model_weights(self.model, self.out / LAST_WEIGHTS)
         optimizer = self.model.optimizer
         iterations = int(keras.ops.convert_to_numpy(optimizer.iterations))
-        _atomic_write_text(self.out / STATE_JSON, json.dumps({
+        atomic_write_text(self.out / STATE_JSON, json.dumps({
             "epochs_done": epoch + 1, "iterations": iterations,
             "steps_per_epoch": self.steps_per_epoch,
             "lr": float(keras.ops.convert_to_numpy(optimizer.learning_rate)),

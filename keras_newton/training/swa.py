@@ -17,12 +17,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from keras_newton.training.light_state import (
-    BEST_JSON,
-    BEST_WEIGHTS,
-    SWA_NPZ,
-    _atomic_write_text,
-)
+from keras_newton.files import atomic_write_text
+from keras_newton.training.light_state import BEST_JSON, BEST_WEIGHTS, SWA_NPZ
 
 
 def _load(path):
@@ -159,7 +155,7 @@ def finish(model, out, train_batches, val_batches):
     best = {"monitor": "val_accuracy", "value": value, "epoch": state["epoch"],
             "swa_epochs": state["count"], "swa_first_epoch": first,
             "batch_norm_batches": batches}
-    _atomic_write_text(out / BEST_JSON, json.dumps(best, indent=1))
+    atomic_write_text(out / BEST_JSON, json.dumps(best, indent=1))
     print(f"Weight average of epochs {first}-{state['epoch']} (SWA; BatchNormalization "
           f"statistics from {batches} training batches): validation accuracy {value:.4f}.")
     return best
