@@ -21,17 +21,21 @@ lint: $(STAMP)
 # The suite on TensorFlow (slow-marked tests included, heavy ones left out), then
 # the backend-agnostic layer/model tests on JAX (the ones that compile for 20 s or more
 # there left out). `make test-all` adds the heavy and jax_heavy tests.
+# JOBS pytest-xdist workers (one per core of the 2-core CI machine); a test module stays
+# on one worker, so its module-scoped fixtures are built once. JOBS=0 runs in-process.
+JOBS ?= 2
+PYTEST := $(BIN)/pytest -q -p no:cacheprovider -n $(JOBS) --dist loadscope
+
 test: lint
-	KERAS_BACKEND=tensorflow $(BIN)/pytest -q -p no:cacheprovider -m "not heavy" --durations=15
-	KERAS_BACKEND=jax $(BIN)/pytest -q -p no:cacheprovider \
-	    -m "backend_agnostic and not heavy and not jax_heavy" --durations=5
+	KERAS_BACKEND=tensorflow $(PYTEST) -m "not heavy" --durations=15
+	KERAS_BACKEND=jax $(PYTEST) -m "backend_agnostic and not heavy and not jax_heavy" --durations=5
 
 test-all: lint
-	KERAS_BACKEND=tensorflow $(BIN)/pytest -q -p no:cacheprovider
-	KERAS_BACKEND=jax $(BIN)/pytest -q -p no:cacheprovider -m backend_agnostic
+	KERAS_BACKEND=tensorflow $(PYTEST)
+	KERAS_BACKEND=jax $(PYTEST) -m backend_agnostic
 
 test-fast: lint
-	KERAS_BACKEND=tensorflow $(BIN)/pytest -q -p no:cacheprovider -m "not slow"
+	KERAS_BACKEND=tensorflow $(PYTEST) -m "not slow"
 
 clean:
 	rm -rf $(VENV) build *.egg-info
