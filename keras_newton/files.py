@@ -7,8 +7,10 @@ as one line (``keras-newton <command>: error: ...``). Images and image archives 
 by `keras_newton.data.image_folder`, which does the same.
 """
 
+import contextlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 
@@ -37,6 +39,20 @@ def read_json(path, what="JSON file"):
                          "may be truncated or corrupt.") from e
 
 
+@contextlib.contextmanager
+def warnings_unless_it_fails(drop=()):
+    """Holds back the warnings of the block: issued when it ends without an exception
+    (except those whose message contains a string of ``drop``), dropped with its exception.
+    Keras warns "Affected layers will retain their freshly-initialized weights" before it
+    raises for a weights file that does not fit: the error alone tells what happened."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        yield
+    for w in seen:
+        if not any(text in str(w.message) for text in drop):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def load_weights(model, path):
     """``model.load_weights(path)``; a ValueError naming the file when it does not fit.
 
@@ -44,7 +60,8 @@ def load_weights(model, path):
     for weights of another architecture.
     """
     try:
-        model.load_weights(path)
+        with warnings_unless_it_fails():
+            model.load_weights(path)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(
             f"Could not load the weights file {str(path)!r} into {model.name!r} "

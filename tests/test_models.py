@@ -1,12 +1,14 @@
 """Model builders: the paper's parameter counts, the applications contract, bad input."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
 from helpers import run_python
 
 import keras_newton as kn
-from keras_newton import models
+from keras_newton import files, models
 
 pytestmark = pytest.mark.backend_agnostic
 
@@ -91,6 +93,24 @@ def test_weights_from_path_and_keras_round_trip(tmp_path, rng):
         tmp_path / "m.keras", tmp_path / "x.npy", tmp_path / "y.npy",
     )
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, rtol=1e-6, atol=1e-6)
+
+
+def test_weights_of_other_classes_fail_without_keras_warning(tmp_path):
+    """A file that does not fit is one clear error; Keras' warning that layers "will retain
+    their freshly-initialized weights" would contradict it. Other warnings still pass."""
+    kn.NewtonCGNet10(classes=3).save_weights(tmp_path / "three.weights.h5")
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(
+            ValueError, match=r"Could not load the weights file .*three.weights.h5.* into "
+                              r"'newton_cgnet10' \(ValueError: .*shape"):
+        warnings.simplefilter("always")
+        kn.NewtonCGNet10(weights=str(tmp_path / "three.weights.h5"))
+    assert not [w for w in seen if "freshly-initialized" in str(w.message)]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with files.warnings_unless_it_fails(drop=("dropped",)):
+            warnings.warn("kept", stacklevel=1)
+            warnings.warn("dropped here", stacklevel=1)
+    assert [str(w.message) for w in seen] == ["kept"]
 
 
 def test_registry_names():

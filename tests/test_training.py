@@ -4,6 +4,7 @@ import hashlib
 import importlib.util
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import h5py
@@ -1156,9 +1157,14 @@ def test_init_weights_refuses_bad_sources_and_other_models(tiny, tmp_path, capsy
                                          r"classes, the run's model 3"):
         train(**tiny_run(tiny, tmp_path / "a", epochs=1), init_weights="newton_cgnet10.cifar10")
     ten = seeded_weights_file(tmp_path / "ten.weights.h5", classes=10)
-    with pytest.raises(ValueError, match=r"do not fit the run's model .* with 3 classes: .*"
-                                         r"shape=\(64, 3\), Received: value.shape=\(64, 10\)"):
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(
+            ValueError, match=r"do not fit the run's model .* with 3 classes: .*"
+                              r"shape=\(64, 3\), Received: value.shape=\(64, 10\)"):
+        warnings.simplefilter("always")
         train(**tiny_run(tiny, tmp_path / "b", epochs=1), init_weights=ten)
+    # Keras' "Affected layers will retain their freshly-initialized weights" would
+    # contradict the refusal
+    assert not [w for w in seen if "freshly-initialized" in str(w.message)]
     deeper = seeded_weights_file(tmp_path / "deeper.weights.h5", model=NewtonCGNet16)
     with pytest.raises(ValueError, match="do not fit the run's model .* weight arrays"):
         train(**tiny_run(tiny, tmp_path / "c", epochs=1), init_weights=deeper)

@@ -29,12 +29,11 @@ import hashlib
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import keras
 
-from keras_newton.files import atomic_write_text
+from keras_newton.files import atomic_write_text, warnings_unless_it_fails
 
 LAST_WEIGHTS = "last.weights.h5"
 STATE_JSON = "state.json"
@@ -75,9 +74,9 @@ def save_model_weights(model, path):
 
 def load_model_weights(model, path):
     """Loads a ``.weights.h5`` file; one without the optimizer's variables leaves the
-    optimizer as it is (Keras warns that it skipped it: silenced here)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+    optimizer as it is (Keras warns that it skipped it: silenced here). A file that does
+    not fit raises Keras' ValueError, without its warnings (`warnings_unless_it_fails`)."""
+    with warnings_unless_it_fails(drop=("Skipping variable loading for optimizer",)):
         model.load_weights(path)
 
 
