@@ -9,6 +9,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 from PIL import Image
@@ -307,6 +308,35 @@ def test_augmentation_is_a_shift_and_flip_of_the_image(rng):
             assert any(np.array_equal(out, c) for c in candidates)
             changed += not np.array_equal(out, images[label])
     assert changed > 8  # most images moved or flipped
+
+
+def test_a_resumed_pipeline_draws_new_batches(rng):
+    """A resumed call's pipeline (first_epoch > 0) shuffles anew: a fresh process would
+    otherwise replay the first call's order of batches. The same first_epoch draws the
+    same order again (a call that is redone). (tf.data's parallel augmentation is not
+    reproducible element by element; ArrayBatches' is.)"""
+    images = rng.integers(1, 256, (16, 8, 8, 3), dtype=np.uint8)
+    labels = np.arange(16)
+
+    def first_batch(make, first_epoch):
+        keras.utils.set_random_seed(3)  # as each call of `train` does (a fresh process)
+        data = make(images, labels, 16, [0.0] * 3, [1.0] * 3, training=True, augment=True,
+                    seed=3, first_epoch=first_epoch)
+        return next(data.as_numpy_iterator()) if make is kd.make_dataset else data[0]
+
+    for make in (kd.make_dataset, kd.ArrayBatches):
+        start, again, resumed, later = (first_batch(make, e) for e in (0, 0, 170, 171))
+        np.testing.assert_array_equal(start[1], again[1])
+        for one, other in ((start, resumed), (start, later), (resumed, later)):
+            assert not np.array_equal(one[1], other[1])  # another order
+    start, again, resumed = (first_batch(kd.ArrayBatches, e) for e in (0, 0, 170))
+    np.testing.assert_array_equal(start[0], again[0])
+    assert not np.array_equal(start[0][np.argsort(start[1])],  # other crops and flips
+                              resumed[0][np.argsort(resumed[1])])
+    assert kd.epoch_seed(3, 0) == 3
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="`first_epoch` must be a non-negative integer"):
+            kd.epoch_seed(3, bad)
 
 
 def test_array_batches_without_tensorflow_match_the_pipeline(rng):

@@ -14,7 +14,7 @@ import pytest
 from test_data import make_image_tree
 
 from keras_newton import cli as main_cli
-from keras_newton.data import CIFAR10_CLASSES, channel_stats, holdout_split, load_dataset
+from keras_newton.data import CIFAR10_CLASSES, channel_stats, holdout_split, load_dataset, pipeline
 from keras_newton.models import NewtonCGNet10
 from keras_newton.training import (
     RECIPES,
@@ -27,6 +27,7 @@ from keras_newton.training import (
 )
 from keras_newton.training import callbacks as callbacks_module
 from keras_newton.training import cli as train_cli
+from keras_newton.training import trainer as trainer_module
 from keras_newton.training.callbacks import StopAfter, TimeBudget, milestone_lr
 from keras_newton.training.losses import SparseCategoricalCrossentropyWithSmoothing
 from keras_newton.training.recipes import recorded_recipe
@@ -319,8 +320,26 @@ class Recorder(keras.callbacks.Callback):
         self.iterations = int(self.model.optimizer.iterations.numpy())
 
 
-def test_rerun_resumes_after_a_kill(tiny, tmp_path):
+def spy_on_training_batches(monkeypatch):
+    """Records ``(first_epoch, labels of the first batch)`` of each training pipeline
+    that `train` builds."""
+    seen = []
+
+    def spy(*args, training, **kwargs):
+        data = pipeline.batches(*args, training=training, **kwargs)
+        if training:
+            first = next(data.as_numpy_iterator()) if hasattr(data, "as_numpy_iterator") \
+                else data[0]
+            seen.append((kwargs["first_epoch"], first[1].tolist()))
+        return data
+
+    monkeypatch.setattr(trainer_module, "batches", spy)
+    return seen
+
+
+def test_rerun_resumes_after_a_kill(tiny, tmp_path, monkeypatch):
     out = tmp_path / "run"
+    pipelines = spy_on_training_batches(monkeypatch)
     crash = Crash()
     with pytest.raises(RuntimeError, match="killed after epoch 1"):
         train(**tiny_run(tiny, out, epochs=3), callbacks=[crash])
@@ -331,6 +350,9 @@ def test_rerun_resumes_after_a_kill(tiny, tmp_path):
     recorder = Recorder()
     summary = train(**tiny_run(tiny, out, epochs=3), callbacks=[recorder])
     assert recorder.epochs == [1, 2]  # resumed at epoch 2 (0-based 1)
+    # The rerun's pipeline draws its own order: a fresh process would replay the first's.
+    assert [first_epoch for first_epoch, _ in pipelines] == [0, 1]
+    assert pipelines[0][1] != pipelines[1][1]
     assert recorder.start_iterations == 3  # optimizer state of epoch 1 restored
     assert recorder.iterations == 9
     for restored, saved in zip(recorder.start_weights, crash.weights, strict=True):

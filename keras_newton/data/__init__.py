@@ -20,7 +20,7 @@ _EXPORTS = {
     "keras_newton.data.pipeline": [
         "ArrayBatches", "batches", "channel_stats", "make_dataset", "normalization",
     ],
-    "keras_newton.data.splits": ["balanced_subset", "holdout_split"],
+    "keras_newton.data.splits": ["balanced_subset", "epoch_seed", "holdout_split"],
 }
 __all__ = sorted(name for names in _EXPORTS.values() for name in names)
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)

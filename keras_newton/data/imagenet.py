@@ -16,6 +16,7 @@ import numpy as np
 
 from keras_newton.data.image_folder import IMAGE_EXTENSIONS
 from keras_newton.data.pipeline import balanced_subset
+from keras_newton.data.splits import epoch_seed
 from keras_newton.preprocessing import normalize
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -99,7 +100,7 @@ def _source(split, data, manual_dir, limit, seed):
 
 
 def imagenet_dataset(split="train", data=None, batch_size=256, training=None, seed=0,
-                     manual_dir=None, image_size=IMAGE_SIZE, limit=None):
+                     manual_dir=None, image_size=IMAGE_SIZE, limit=None, first_epoch=0):
     """Builds the batched ImageNet pipeline of one split.
 
     Args:
@@ -113,6 +114,8 @@ def imagenet_dataset(split="train", data=None, batch_size=256, training=None, se
         manual_dir: where the ILSVRC 2012 archives are, for tfds.
         image_size: crop size (224).
         limit: use only this many images (class-balanced for a folder), for smoke tests.
+        first_epoch: epochs the run has done (a resumed run): shuffles and augmentation
+            then come from `splits.epoch_seed` ``(seed, first_epoch)``.
 
     Returns:
         ``(dataset, num_images, class_names)``; the dataset yields normalised float32
@@ -130,6 +133,7 @@ def imagenet_dataset(split="train", data=None, batch_size=256, training=None, se
                               or limit < 1):
         raise ValueError(f"`limit` must be a positive integer. Received: limit={limit!r}")
     ds, decode, count, class_names = _source(split, data, manual_dir, limit, seed)
+    seed = epoch_seed(seed, first_epoch)  # the subset above keeps the run's seed
 
     def view(image, label):
         if training:

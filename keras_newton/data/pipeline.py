@@ -9,7 +9,7 @@ model, so it cannot reach an exported graph.
 import keras
 import numpy as np
 
-from keras_newton.data.splits import balanced_subset, holdout_split  # noqa: F401
+from keras_newton.data.splits import balanced_subset, epoch_seed, holdout_split  # noqa: F401
 from keras_newton.preprocessing import normalize
 
 
@@ -48,7 +48,7 @@ def _options(tf):
 
 
 def make_dataset(images, labels, batch_size, mean, std, *, training, augment=False, seed=0,
-                 shift=4):
+                 shift=4, first_epoch=0):
     """Builds the ``tf.data`` pipeline of one split.
 
     Training: reshuffled every epoch (seeded), optional "+" augmentation, and
@@ -65,6 +65,8 @@ def make_dataset(images, labels, batch_size, mean, std, *, training, augment=Fal
         augment: pad ``shift`` zero pixels on each side, random crop back, random flip.
         seed: shuffle and augmentation seed.
         shift: maximal shift in pixels of the augmentation.
+        first_epoch: epochs the run has done (a resumed run): shuffles and augmentation
+            then come from `epoch_seed` ``(seed, first_epoch)``.
 
     Returns:
         A ``tf.data.Dataset`` of ``(float32 images, int32 labels)`` batches.
@@ -72,6 +74,7 @@ def make_dataset(images, labels, batch_size, mean, std, *, training, augment=Fal
     import tensorflow as tf
 
     height, width = images.shape[1:3]
+    seed = epoch_seed(seed, first_epoch)
 
     def augment_fn(x, y):
         x = tf.pad(x, [[shift, shift], [shift, shift], [0, 0]])
@@ -103,14 +106,14 @@ class ArrayBatches(keras.utils.PyDataset):
     """
 
     def __init__(self, images, labels, batch_size, mean, std, *, training, augment=False,
-                 seed=0, shift=4):
+                 seed=0, shift=4, first_epoch=0):
         super().__init__()
         self.images, self.labels = images, np.asarray(labels, np.int32)
         self.batch_size, self.training, self.augment, self.shift = (
             batch_size, training, augment, shift)
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(epoch_seed(seed, first_epoch))
         self.order = np.arange(len(self.labels))
         self.on_epoch_end()
 
@@ -142,8 +145,9 @@ def _shift_and_flip(x, shift, rng):
     return out
 
 
-def batches(images, labels, batch_size, mean, std, *, training, augment=False, seed=0):
+def batches(images, labels, batch_size, mean, std, *, training, augment=False, seed=0,
+            first_epoch=0):
     """`make_dataset` (``tf.data``) on the TensorFlow backend, else `ArrayBatches`."""
     make = make_dataset if keras.backend.backend() == "tensorflow" else ArrayBatches
     return make(images, labels, batch_size, mean, std, training=training, augment=augment,
-                seed=seed)
+                seed=seed, first_epoch=first_epoch)

@@ -1,7 +1,9 @@
-"""Seeded, class-balanced index splits (NumPy only: no Keras, no TensorFlow).
+"""Seeded, class-balanced index splits and the seeds of resumed runs (NumPy only: no
+Keras, no TensorFlow).
 
 `holdout_split` is the validation hold-out of training (``keras-newton train``), of
 ``evaluate`` and of the int8 export's calibration (calibrated on the training part only).
+`epoch_seed` is the data seed of a call that resumes a run.
 """
 
 import numpy as np
@@ -53,3 +55,16 @@ def _balanced_take(labels, indices, size, seed):
     chosen = np.concatenate([p[:t] for p, t in zip(per_class, taken, strict=True)])
     rest = np.setdiff1d(indices, chosen)
     return np.sort(rest), np.sort(chosen)
+
+
+def epoch_seed(seed, first_epoch=0):
+    """The seed of the shuffles and augmentation of a call that starts after
+    ``first_epoch`` finished epochs: ``seed`` for a new run, else one drawn from
+    ``(seed, first_epoch)``. A resumed run then draws new batches instead of replaying
+    those of its first call (both were drawn from ``seed`` in a fresh process)."""
+    if isinstance(first_epoch, bool) or not isinstance(first_epoch, int) or first_epoch < 0:
+        raise ValueError("`first_epoch` must be a non-negative integer. "
+                         f"Received: first_epoch={first_epoch!r}")
+    if first_epoch == 0:
+        return seed
+    return int(np.random.default_rng([seed, first_epoch]).integers(2**31 - 1))

@@ -17,6 +17,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from keras_newton.data.splits import epoch_seed
+
 # The 70 symbols of the character-level CNNs (Zhang et al. 2015; VDCNN, Conneau et al.
 # 2017): 26 letters, 10 digits, 32 punctuation marks, space and newline.
 ALPHABET = ("abcdefghijklmnopqrstuvwxyz0123456789" "-,;.!?:'\"/\\|_@#$%^&*~`+=<>()[]{}" " \n")
@@ -307,10 +309,14 @@ def stratified_split(labels, val_size, seed=0):
     return np.setdiff1d(np.arange(n), val), np.sort(val)
 
 
-def make_text_dataset(texts, labels, batch_size, tokenizer, training=False, seed=0):
-    """``tf.data`` of ``(char_ids, label)`` batches; shuffled each epoch when training."""
+def make_text_dataset(texts, labels, batch_size, tokenizer, training=False, seed=0,
+                      first_epoch=0):
+    """``tf.data`` of ``(char_ids, label)`` batches; shuffled each epoch when training,
+    from `splits.epoch_seed` ``(seed, first_epoch)`` (``first_epoch``: epochs a resumed
+    run has done)."""
     import tensorflow as tf
 
+    seed = epoch_seed(seed, first_epoch)
     ds = tf.data.Dataset.from_tensor_slices((np.asarray(texts, dtype=str).astype(object),
                                              np.asarray(labels, np.int32)))
     if training:

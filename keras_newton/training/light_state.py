@@ -129,6 +129,16 @@ def backup_epoch(out):
         return None
 
 
+def epochs_done(out, kind):
+    """Epochs done by the run in ``out`` that resumes as ``kind`` (`resume_kind`); 0 for
+    a new run (``kind`` None)."""
+    if kind == "light":
+        return int(read_state(out)["epochs_done"])
+    if kind == "backup":
+        return backup_epoch(out) or 0
+    return 0
+
+
 def resume_kind(out):
     """How a run in ``out`` resumes: ``"backup"`` (with momentum), ``"light"``, or None.
 

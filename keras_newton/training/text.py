@@ -6,6 +6,7 @@ from pathlib import Path
 
 import keras
 
+from keras_newton.data.splits import epoch_seed
 from keras_newton.data.text import (
     TEXT_DATASETS,
     CharTokenizer,
@@ -16,6 +17,7 @@ from keras_newton.data.text import (
 )
 from keras_newton.models import canonical_name
 from keras_newton.models.text import SEQUENCE_LENGTH, TEXT_MODELS
+from keras_newton.training import light_state
 from keras_newton.training.distribute import get_distribution
 from keras_newton.training.recipes import get_recipe, recorded_recipe
 from keras_newton.training.trainer import (
@@ -139,7 +141,8 @@ def train_text(
               "seed": seed, **model_kwargs, **recorded_recipe(recipe)}
     resuming = _check_out(run_out, config, overwrite)
 
-    keras.utils.set_random_seed(seed)
+    first_epoch = light_state.epochs_done(run_out, resuming)  # a resumed call draws anew
+    keras.utils.set_random_seed(epoch_seed(seed, first_epoch))
     source, train_idx, val_idx, test = _split(dataset, data, recipe, limit, seed)
     batch = recipe["batch_size"]
     steps_per_epoch = len(train_idx) // batch
@@ -153,7 +156,7 @@ def train_text(
     (run_out / CONFIG_JSON).write_text(json.dumps(config, indent=1))
     (run_out / PREPROCESSING_JSON).write_text(json.dumps(preprocessing, indent=1))
     train_ds = make_text_dataset(source.texts[train_idx], source.labels[train_idx], batch,
-                                 tokenizer, training=True, seed=seed)
+                                 tokenizer, training=True, seed=seed, first_epoch=first_epoch)
     val_ds = make_text_dataset(source.texts[val_idx], source.labels[val_idx], batch, tokenizer)
 
     with dist.scope():

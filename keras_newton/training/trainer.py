@@ -22,6 +22,7 @@ from keras_newton.data import (
 )
 from keras_newton.data.image_folder import check_source, source_key
 from keras_newton.data.pipeline import batches
+from keras_newton.data.splits import epoch_seed
 from keras_newton.models import MODELS, TEXT_MODELS, canonical_name
 from keras_newton.training import callbacks as cb
 from keras_newton.training import light_state, swa
@@ -218,13 +219,13 @@ def _split_data(dataset, data, recipe, limit, seed, cache_dir):
     return train, val, source.class_names
 
 
-def _streaming_pipelines(data, recipe, limit, seed):
+def _streaming_pipelines(data, recipe, limit, seed, first_epoch=0):
     """ImageNet: streamed training and validation pipelines (keras_newton.data.imagenet)."""
     from keras_newton.data import imagenet
 
     batch = recipe["batch_size"]
     train_ds, n_train, class_names = imagenet.imagenet_dataset(
-        "train", data, batch, seed=seed, limit=limit)
+        "train", data, batch, seed=seed, limit=limit, first_epoch=first_epoch)
     val_ds, n_val, _ = imagenet.imagenet_dataset("val", data, batch, limit=limit)
     preprocessing = {"mode": "imagenet", "mean": list(imagenet.IMAGENET_MEAN),
                      "std": list(imagenet.IMAGENET_STD)}
@@ -233,8 +234,9 @@ def _streaming_pipelines(data, recipe, limit, seed):
 
 
 def _in_memory_pipelines(dataset, data, recipe, limit, seed, cache_dir, norm_mode,
-                         arrays=False):
-    """The training and validation pipelines; with ``arrays``, the uint8 ``(images,
+                         arrays=False, first_epoch=0):
+    """The training and validation pipelines (the training one draws from ``(seed,
+    first_epoch)``, `splits.epoch_seed`); with ``arrays``, the uint8 ``(images,
     labels)`` themselves (`on_device.fit_on_device`)."""
     (x_train, y_train), (x_val, y_val), class_names = _split_data(
         dataset, data, recipe, limit, seed, cache_dir
@@ -245,7 +247,8 @@ def _in_memory_pipelines(dataset, data, recipe, limit, seed, cache_dir, norm_mod
                 preprocessing, tuple(x_train.shape[1:3]))
     batch = recipe["batch_size"]
     train_ds = batches(x_train, y_train, batch, preprocessing["mean"], preprocessing["std"],
-                       training=True, augment=recipe["augment"], seed=seed)
+                       training=True, augment=recipe["augment"], seed=seed,
+                       first_epoch=first_epoch)
     val_ds = batches(x_val, y_val, batch, preprocessing["mean"], preprocessing["std"],
                      training=False)
     return (train_ds, val_ds, len(y_train), len(y_val), class_names, preprocessing,
@@ -271,9 +274,7 @@ def _resume_position(net, run_out, resuming, steps_per_epoch):
                 f"The light state was written with {restored['steps_per_epoch']} steps per "
                 f"epoch, this run has {steps_per_epoch}. Received: out={str(run_out)!r}")
         return restored["epochs_done"], restored
-    if resuming == "backup":
-        return light_state.backup_epoch(run_out) or 0, None
-    return 0, None
+    return light_state.epochs_done(run_out, resuming), None
 
 
 def _device_name():
@@ -615,12 +616,15 @@ def train(
     config = _config(model_name, dataset, data, limit, seed, recipe, time_budget, init_record)
     resuming = _check_out(run_out, config, overwrite)
 
-    keras.utils.set_random_seed(seed)
+    # A resumed call draws its shuffles, augmentation and dropout anew, not its first call's.
+    first_epoch = light_state.epochs_done(run_out, resuming)
+    keras.utils.set_random_seed(epoch_seed(seed, first_epoch))
     if spec.get("streaming"):
-        pipelines = _streaming_pipelines(data, recipe, limit, seed)
+        pipelines = _streaming_pipelines(data, recipe, limit, seed, first_epoch)
     else:
         pipelines = _in_memory_pipelines(dataset, data, recipe, limit, seed, cache_dir,
-                                         spec["normalization"], arrays=on_device)
+                                         spec["normalization"], arrays=on_device,
+                                         first_epoch=first_epoch)
     train_ds, val_ds, n_train, n_val, class_names, norm, image_size = pipelines
     steps_per_epoch = n_train // recipe["batch_size"]
     if steps_per_epoch < 1:
