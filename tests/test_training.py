@@ -549,13 +549,14 @@ def test_new_options_are_recorded_only_when_set():
     assert not {"warmup_epochs", "warmup", "schedule", "label_smoothing"} & set(plain)
     # The run in progress resumes with its command: its config is what `train` records
     # (the flags of zoo/in_progress/README.md).
-    committed = json.loads((REPO / "zoo" / "in_progress" / "ncg10_cos300" / "config.json")
+    committed = json.loads((REPO / "zoo" / "in_progress" / "ncg82_sgdr80" / "config.json")
                            .read_text())
-    recorded = recorded_recipe(get_recipe("cifar10", True, dropout=0.2, epochs=300,
+    recorded = recorded_recipe(get_recipe("cifar10", True, dropout=0.2, epochs=80,
                                           schedule="cosine", warmup_epochs=2, warmup="linear",
                                           label_smoothing=0.1))
-    assert {k: v for k, v in committed.items() if k not in ("data", "data_key")} == {
-        "model": "newton_cgnet10", "dataset": "cifar10", "limit": None, "seed": 0, **recorded}
+    skip = ("data", "data_key", "init_weights")
+    assert {k: v for k, v in committed.items() if k not in skip} == {
+        "model": "newton_cgnet82", "dataset": "cifar10", "limit": None, "seed": 0, **recorded}
     short = recorded_recipe(get_recipe("cifar10", True, schedule="cosine", warmup_epochs=2,
                                        warmup="linear", label_smoothing=0.1, epochs=40))
     assert (short["schedule"], short["warmup"], short["warmup_epochs"],
@@ -764,10 +765,10 @@ def test_resume_flag_takes_the_settings_from_config(tiny, tmp_path, capsys):
 
 
 def test_command_from_config_is_portable():
-    config = json.loads((REPO / "zoo" / "in_progress" / "ncg10_cos300" / "config.json")
+    config = json.loads((REPO / "zoo" / "in_progress" / "ncg82_sgdr80" / "config.json")
                         .read_text())
-    plain = {**config, "epochs": 120, "dropout": 0.0}
-    for key in ("warmup_epochs", "warmup", "schedule", "label_smoothing"):
+    plain = {**config, "model": "newton_cgnet10", "epochs": 120, "dropout": 0.0}
+    for key in ("warmup_epochs", "warmup", "schedule", "label_smoothing", "init_weights"):
         del plain[key]
     assert train_cli.command_from_config(
         plain, "../shared/datasets/cifar10-jpeg/train.tar.xz", out="runs/ncg10_d0_e120") == (
